@@ -1,0 +1,3 @@
+"""Distributed ViT pretraining: DeepSpeed ZeRO ranks on WebDataset shards, tracked in MLflow."""
+
+__version__ = "0.1.0"

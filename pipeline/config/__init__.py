@@ -1,0 +1,45 @@
+"""Typed, strictly loaded configuration (see schema.py for every default)."""
+
+from pipeline.config.loader import (
+    config_diff,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    flatten,
+    load_config,
+    save_config,
+)
+from pipeline.config.schema import (
+    BatchPlan,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    FinetuneConfig,
+    LaunchConfig,
+    ModelConfig,
+    OptimConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "BatchPlan",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FinetuneConfig",
+    "LaunchConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "config_diff",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "flatten",
+    "load_config",
+    "save_config",
+]

@@ -1,0 +1,341 @@
+"""Typed configuration: the single source of every default.
+
+Each section is a small dataclass that validates itself in ``__post_init__``; ``Config`` adds
+the checks that span sections (batch arithmetic, fine-tune head). The defaults describe the
+embedded local job: a tiny ViT on generated shards, 2 CPU ranks, a local MLflow store. YAML
+files hold only what differs (``configs/``), loaded strictly by :mod:`pipeline.config.loader`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and how to fix it."""
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # type: ignore[return-value]
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """The ViT's constructor arguments (seed API) plus the per-block checkpointing switch.
+
+    ``preset`` ("B/16", "S/14", ...) fills dim/depth/heads/mlp_dim/dim_head/patch_size when the
+    file does not set them itself; the loader expands it, so the resolved config is explicit.
+    """
+
+    preset: str = ""
+    image_size: int | tuple[int, int] = 32
+    patch_size: int | tuple[int, int] = 4
+    num_classes: int = 10
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_dim: int = 128
+    pool: Literal["cls", "mean"] = "cls"
+    channels: int = 3
+    dim_head: int = 16
+    dropout: float = 0.0
+    emb_dropout: float = 0.0
+    qkv_bias: bool = False
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-5
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        (ih, iw), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        _require(
+            ih % ph == 0 and iw % pw == 0,
+            f"model.image_size {self.image_size} is not divisible by model.patch_size "
+            f"{self.patch_size}; pick an image size that is a multiple of the patch size "
+            f"(e.g. model.image_size={ih // ph * ph or ph})",
+        )
+        for key in ("num_classes", "dim", "depth", "heads", "mlp_dim", "channels", "dim_head"):
+            _require(getattr(self, key) > 0, f"model.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("dropout", "emb_dropout", "drop_path_rate"):
+            v = getattr(self, key)
+            _require(0.0 <= v < 1.0, f"model.{key} must be in [0, 1), got {v}")
+
+    def vit_kwargs(self) -> dict:
+        """Keyword arguments for ``pipeline.model.ViT``."""
+        skip = {"preset", "grad_checkpointing"}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become batches (see pipeline/data)."""
+
+    path: str = "runs/data/synthetic"  # a directory written by `python -m pipeline.data.shards write`
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 512  # samples held per worker for the in-stream shuffle
+    decoder: Literal["pil", "torchvision"] = "pil"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: float = 0.5
+    eval_crop_pct: float = 0.875  # resize to size / pct, then centre-crop (timm's convention)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    max_skip_frac: float = 0.01  # abort when more than this fraction of samples was unreadable
+    skip_check_after: int = 1000  # samples read before the skip rate is judged
+    val_batch_size: int = 0  # 0: same as train.micro_batch_size
+    prefetch_factor: int = 2
+    # batch transforms applied in the train step (off by default)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.path != "", "data.path is empty; set it to a shard directory")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1 (1 = no shuffle)")
+        lo, hi = self.crop_scale
+        _require(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        _require(0 <= self.hflip <= 1, f"data.hflip is a probability, got {self.hflip}")
+        _require(0 < self.eval_crop_pct <= 1, f"data.eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+        _require(0 <= self.max_skip_frac <= 1, f"data.max_skip_frac must be in [0, 1], got {self.max_skip_frac}")
+        _require(0 <= self.label_smoothing < 1, f"data.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _require(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha must be >= 0")
+        _require(0 <= self.mix_prob <= 1, f"data.mix_prob is a probability, got {self.mix_prob}")
+        _require(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + warmup/cosine; the schedule runs on samples seen (see pipeline/train/recipe.py)."""
+
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _require(all(0 <= b < 1 for b in self.betas), f"optim.betas must be in [0, 1), got {self.betas}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch arithmetic, precision and ZeRO settings of the training loop."""
+
+    run_dir: str = "runs/default"
+    steps: int = 200  # optimizer steps at the configured global batch
+    micro_batch_size: int = 32  # per rank, per forward pass
+    grad_accum: int = 0  # 0: derived from global_batch_size (or 1)
+    global_batch_size: int = 0  # 0: micro_batch_size x grad_accum x world size
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # 0: evaluate only at the end
+    peak_tflops: float = 0.0  # per device, for train/mfu; 0: look up the device (unknown: no MFU)
+    max_nonfinite_steps: int = 3  # consecutive skipped steps before rolling back
+    cpu_threads: int = 0  # torch threads per rank on CPU; 0: cores / local ranks
+
+    def __post_init__(self) -> None:
+        _require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
+        _require(self.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {self.micro_batch_size}")
+        _require(self.grad_accum >= 0 and self.global_batch_size >= 0, "train.grad_accum/global_batch_size must be >= 0")
+        _require(
+            self.zero_stage in (0, 1, 2, 3),
+            f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}",
+        )
+        _require(
+            not self.offload_params or self.zero_stage == 3,
+            "train.offload_params needs train.zero_stage=3 (ZeRO-Infinity offloads partitioned params only)",
+        )
+        _require(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "train.offload_optimizer needs train.zero_stage >= 1",
+        )
+        _require(self.log_every > 0, "train.log_every must be > 0")
+        _require(self.eval_every >= 0, "train.eval_every must be >= 0")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded ZeRO checkpoints under <run_dir>/checkpoints, committed atomically."""
+
+    every_steps: int = 100  # 0: only at the end and on SLURM's pre-timeout signal
+    keep_last: int = 3
+    resume: Literal["auto", "require"] = "auto"  # require: refuse to start without a checkpoint
+    export_final: bool = True  # consolidated fp32 safetensors under <run_dir>/export
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last must be >= 1 (the newest is needed to resume)")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: a local SQLite store by default, a server when a URI is given."""
+
+    enabled: bool = True
+    uri: str = ""  # "": $MLFLOW_TRACKING_URI, else sqlite:///<run_dir parent>/mlflow.db
+    experiment: str = ""  # "": the config family (the folder of the config file)
+    run_name: str = ""  # "": derived from the config name and the overrides
+    system_metrics: bool = True
+    timeout_s: float = 5.0  # per HTTP request; a down server never stalls training
+    max_retries: int = 2
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "tracking.timeout_s must be > 0")
+        _require(self.max_retries >= 0, "tracking.max_retries must be >= 0")
+
+
+@dataclass
+class LaunchConfig:
+    """Where and how ranks run; `launch/submit.py` flags override these."""
+
+    executor: Literal["auto", "slurm", "local"] = "auto"
+    nodes: int = 1
+    gpus_per_node: int = 0  # tasks per node on GPUs; 0: CPU ranks
+    ranks_per_node: int = 2  # CPU ranks per node when gpus_per_node is 0
+    cpus_per_task: int = 0  # 0: the scheduler's default
+    mem: str = ""  # e.g. "64G"; "": the scheduler's default
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclude: str = ""
+    job_name: str = ""
+    time_min: int = 60
+    signal_delay_s: int = 120  # USR2 this long before the time limit: time to save
+    max_timeouts: int = 3  # requeues after time-outs; preemptions are not bounded
+    container: str = ""  # an Apptainer .sif to run each rank in
+    port: int = 0  # rendezvous port; 0: derived from the job id
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.ranks_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def __post_init__(self) -> None:
+        _require(self.nodes >= 1, f"launch.nodes must be >= 1, got {self.nodes}")
+        _require(self.gpus_per_node >= 0, "launch.gpus_per_node must be >= 0")
+        _require(self.ranks_per_node >= 1, "launch.ranks_per_node must be >= 1")
+        _require(self.time_min >= 1, "launch.time_min must be >= 1")
+        _require(0 <= self.signal_delay_s < self.time_min * 60, "launch.signal_delay_s must be shorter than the time limit")
+        _require(self.max_timeouts >= 0, "launch.max_timeouts must be >= 0")
+        _require(0 <= self.port < 65536, f"launch.port must be a TCP port, got {self.port}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Start from a pretrained checkpoint with a new head (empty init_from: pretraining)."""
+
+    init_from: str = ""  # run dir, sharded checkpoint dir, export dir/file, or timm/seed state dict
+    num_classes: int = 0  # downstream classes; required with init_from
+    head_init: Literal["zero", "trunc_normal"] = "zero"
+    layer_decay: float = 1.0  # per-block LR multiplier (BEiT/MAE); 1.0 disables
+    freeze: Literal["none", "backbone"] = "none"  # backbone: linear probe
+    freeze_blocks: int = 0  # freeze patch embedding and the first K blocks
+    export_best: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.init_from != ""
+
+    def __post_init__(self) -> None:
+        _require(0 < self.layer_decay <= 1, f"finetune.layer_decay must be in (0, 1], got {self.layer_decay}")
+        _require(self.freeze_blocks >= 0, "finetune.freeze_blocks must be >= 0")
+        _require(
+            not self.init_from or self.num_classes > 0,
+            "finetune.num_classes is missing: set it to the number of downstream classes "
+            "(e.g. finetune.num_classes=10) when finetune.init_from is set",
+        )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int  # per rank, per forward pass
+    grad_accum: int
+    global_batch_size: int  # samples per optimizer step, all ranks
+    world_size: int
+
+
+@dataclass
+class Config:
+    name: str = "default"  # the config's name; "": the config file's stem
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        self.batch_plan(self.launch.world_size)  # refuse bad batch arithmetic at load time
+        if self.finetune.enabled:
+            # The new head replaces the pretraining one: one source of truth for its size.
+            self.model.num_classes = self.finetune.num_classes
+        _require(
+            self.finetune.freeze_blocks <= self.model.depth,
+            f"finetune.freeze_blocks={self.finetune.freeze_blocks} exceeds model.depth={self.model.depth}",
+        )
+
+    def batch_plan(self, world_size: int) -> BatchPlan:
+        """Micro batch, accumulation and global batch for ``world_size`` ranks.
+
+        global batch = micro batch x accumulation x world size. A fixed global batch with a
+        derived accumulation (grad_accum=0) keeps the recipe when the node count changes; the
+        config keeps the user's 0s so it stays valid at any node count.
+        """
+        t = self.train
+        per_pass = t.micro_batch_size * world_size
+        if t.global_batch_size and t.grad_accum:
+            _require(
+                t.global_batch_size == per_pass * t.grad_accum,
+                f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size="
+                f"{t.micro_batch_size} x train.grad_accum={t.grad_accum} x world size={world_size} "
+                f"(= {per_pass * t.grad_accum}); set train.grad_accum=0 to derive it",
+            )
+            accum = t.grad_accum
+        elif t.global_batch_size:
+            _require(
+                t.global_batch_size % per_pass == 0,
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={t.micro_batch_size} x world size={world_size} (= {per_pass}); "
+                f"change the global or micro batch, or the number of nodes",
+            )
+            accum = t.global_batch_size // per_pass
+        else:
+            accum = t.grad_accum or 1
+        return BatchPlan(t.micro_batch_size, accum, per_pass * accum, world_size)
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size

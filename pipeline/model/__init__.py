@@ -1,0 +1,1 @@
+"""ViT model (placeholder until the model lands)."""
