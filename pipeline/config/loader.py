@@ -91,7 +91,7 @@ def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
             return tuple(_coerce(v, args[0], dotted, source) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{source}: config key '{dotted}' expects {len(args)} values, got {list(value)!r}")
-        return tuple(_coerce(v, a, dotted, source) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, dotted, source) for v, a in zip(value, args, strict=True))
     if origin is dict:
         key_t, val_t = get_args(hint)
         if not isinstance(value, dict):
@@ -179,7 +179,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
             node[part] = value
             return
         if not dataclasses.is_dataclass(hints[part]):
-            raise ConfigError(f"{source}: '{'.'.join(parts[: i + 1])}' is a value, not a section; cannot set '{dotted}'")
+            raise ConfigError(
+                f"{source}: '{'.'.join(parts[: i + 1])}' is a value, not a section; cannot set '{dotted}'"
+            )
         cls = hints[part]
         node = node.setdefault(part, {})
         if not isinstance(node, dict):

@@ -52,6 +52,10 @@ class ModelConfig:
     qkv_bias: bool = False
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-5
+    # Layout options of other ViTs, for fine-tuning from their weights (see pipeline/model/vit.py).
+    patch_norm: bool = False
+    norm_before_pool: bool = False
+    class_token: bool = True
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -61,6 +65,10 @@ class ModelConfig:
             f"model.image_size {self.image_size} is not divisible by model.patch_size "
             f"{self.patch_size}; pick an image size that is a multiple of the patch size "
             f"(e.g. model.image_size={ih // ph * ph or ph})",
+        )
+        _require(
+            self.class_token or self.pool == "mean",
+            "model.pool='cls' needs model.class_token=true; set model.pool=mean for a model without a CLS token",
         )
         for key in ("num_classes", "dim", "depth", "heads", "mlp_dim", "channels", "dim_head"):
             _require(getattr(self, key) > 0, f"model.{key} must be > 0, got {getattr(self, key)}")
@@ -161,7 +169,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
         _require(self.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {self.micro_batch_size}")
-        _require(self.grad_accum >= 0 and self.global_batch_size >= 0, "train.grad_accum/global_batch_size must be >= 0")
+        _require(
+            self.grad_accum >= 0 and self.global_batch_size >= 0, "train.grad_accum/global_batch_size must be >= 0"
+        )
         _require(
             self.zero_stage in (0, 1, 2, 3),
             f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}",
@@ -204,11 +214,13 @@ class TrackingConfig:
     system_metrics: bool = True
     timeout_s: float = 5.0  # per HTTP request; a down server never stalls training
     max_retries: int = 2
+    retry_s: float = 10.0  # while the server is down, how often to check whether it is back
     tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "tracking.timeout_s must be > 0")
         _require(self.max_retries >= 0, "tracking.max_retries must be >= 0")
+        _require(self.retry_s > 0, f"tracking.retry_s must be > 0 (seconds between checks), got {self.retry_s}")
 
 
 @dataclass
@@ -232,6 +244,7 @@ class LaunchConfig:
     max_timeouts: int = 3  # requeues after time-outs; preemptions are not bounded
     container: str = ""  # an Apptainer .sif to run each rank in
     port: int = 0  # rendezvous port; 0: derived from the job id
+    gpu_mem_gb: float = 0.0  # memory of one GPU, for the --dry-run memory plan; 0: unknown
 
     @property
     def tasks_per_node(self) -> int:
@@ -246,9 +259,12 @@ class LaunchConfig:
         _require(self.gpus_per_node >= 0, "launch.gpus_per_node must be >= 0")
         _require(self.ranks_per_node >= 1, "launch.ranks_per_node must be >= 1")
         _require(self.time_min >= 1, "launch.time_min must be >= 1")
-        _require(0 <= self.signal_delay_s < self.time_min * 60, "launch.signal_delay_s must be shorter than the time limit")
+        _require(
+            0 <= self.signal_delay_s < self.time_min * 60, "launch.signal_delay_s must be shorter than the time limit"
+        )
         _require(self.max_timeouts >= 0, "launch.max_timeouts must be >= 0")
         _require(0 <= self.port < 65536, f"launch.port must be a TCP port, got {self.port}")
+        _require(self.gpu_mem_gb >= 0, f"launch.gpu_mem_gb must be >= 0 (0: unknown), got {self.gpu_mem_gb}")
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""Loader throughput vs a bare decode + crop loop on the same JPEGs.
+
+    python bench/data.py [--quick] [--n 2048] [--src-size 256] [--size 224] [--batch 64]
+
+Writes synthetic JPEG shards to a temp dir, then measures images/s (steady state, first batch
+excluded) of:
+
+* bare loop: the JPEG bytes held in memory, PIL decode + torchvision RandomResizedCrop + flip +
+  to-tensor + normalise, batched, in this process, no WebDataset and no DataLoader;
+* bare loop with the loader's own decode functions (PIL and torchvision decoders);
+* ``build_loader`` with 0 workers (in process), 1 worker (the per-worker figure), and 2 workers.
+
+Goal: loader with 1 worker / bare loop >= 0.8. Torch runs 1 thread in every process (DataLoader
+workers use 1 by default). With workers, the worker decodes and crops and the main process converts
+uint8 to normalised float32 (see pipeline/data/transforms.py), so 1 worker can beat a one-process
+loop on a machine with 2+ free cores; 0 workers is all the work on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from pipeline.config.schema import DataConfig
+from pipeline.data import build_loader, write_synthetic
+from pipeline.data.transforms import CropDraws, Normalize, crop_resize
+
+
+def jpeg_bytes(root: Path) -> list[bytes]:
+    out = []
+    for tar in sorted(root.glob("train-*.tar")):
+        with tarfile.open(tar) as tf:
+            out += [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")]
+    return out
+
+
+def rate(make_batches, images: int) -> float:
+    """images/s over all batches after the first (start-up excluded)."""
+    it = make_batches()
+    first = next(it)
+    start, n = time.perf_counter(), 0
+    for batch in it:
+        n += batch.shape[0]
+        if n >= images:
+            break
+    del first
+    return n / (time.perf_counter() - start)
+
+
+def bare_tv(data: list[bytes], size: int, batch: int):
+    tf = transforms.Compose(
+        [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]
+    )
+    norm = Normalize(DataConfig().mean, DataConfig().std)
+    while True:
+        for i in range(0, len(data) - batch + 1, batch):
+            imgs = [tf(Image.open(io.BytesIO(b)).convert("RGB")) for b in data[i : i + batch]]  # (3, H, W) each
+            yield norm(torch.stack(imgs).permute(0, 2, 3, 1))  # Normalize takes (B, H, W, 3)
+
+
+def bare_own(data: list[bytes], size: int, batch: int, decoder: str):
+    cfg = DataConfig()
+    norm, gen = Normalize(cfg.mean, cfg.std), np.random.default_rng(0)
+    while True:
+        for i in range(0, len(data) - batch + 1, batch):
+            draws = CropDraws.draw(gen, batch, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip)
+            u8 = np.empty((batch, size, size, 3), dtype=np.uint8)
+            for j, b in enumerate(data[i : i + batch]):
+                box = partial(draws.box, j, ratio=cfg.crop_ratio)
+                u8[j] = crop_resize(b, lambda h, w, box=box: box(h, w), (size, size), bool(draws.flip[j]), decoder)
+            yield norm(torch.from_numpy(u8))
+
+
+def loader_batches(root: Path, size: int, batch: int, workers: int, decoder: str):
+    cfg = DataConfig(path=str(root), num_workers=workers, decoder=decoder, shuffle_buffer=256)
+    with build_loader(cfg, rank=0, world_size=1, batch_size=batch, image_size=(size, size), seed=0) as loader:
+        for images, _ in loader:
+            yield images
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small run (a smoke test of the script)")
+    p.add_argument("--n", type=int, default=2048, help="synthetic images written")
+    p.add_argument("--src-size", type=int, default=256, help="side of the stored JPEGs")
+    p.add_argument("--size", type=int, default=224, help="train crop side")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3, help="best of N runs per row (a loaded machine is noisy)")
+    a = p.parse_args()
+    if a.quick:
+        a.n, a.src_size, a.size, a.batch, a.repeat = 256, 128, 112, 32, 1
+    torch.set_num_threads(1)
+    measure = a.n - 2 * a.batch  # images timed per row
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "bench"
+        write_synthetic(root, n=a.n, classes=10, size=a.src_size, val_frac=0.0, shard_max_count=max(a.n // 8, 1))
+        data = jpeg_bytes(root)
+        rows = [("bare loop: PIL + torchvision.transforms", "pil", "-", partial(bare_tv, data, a.size, a.batch))]
+        for dec in ("pil", "torchvision"):
+            rows.append(
+                (f"bare loop: loader's decode+crop ({dec})", dec, "-", partial(bare_own, data, a.size, a.batch, dec))
+            )
+        for dec in ("pil", "torchvision"):
+            for workers in (0, 1, 2):
+                rows.append(
+                    (
+                        f"build_loader ({dec})",
+                        dec,
+                        str(workers),
+                        partial(loader_batches, root, a.size, a.batch, workers, dec),
+                    )
+                )
+        rows = [(name, dec, w, max(rate(make, measure) for _ in range(a.repeat))) for name, dec, w, make in rows]
+    base = rows[0][3]
+    print(
+        f"\nsettings: {a.n} JPEGs {a.src_size}x{a.src_size} -> crops {a.size}x{a.size}, batch {a.batch}, torch threads "
+        f"1 per process, {os.cpu_count()} CPUs visible, {measure} images timed after the 1st batch, best of {a.repeat}"
+    )
+    print("| measurement | decoder | workers | images/s | / bare loop |\n|---|---|---|---|---|")
+    for name, dec, workers, r in rows:
+        print(f"| {name} | {dec} | {workers} | {r:.0f} | {r / base:.2f} |")
+    for dec in ("pil", "torchvision"):
+        one = next(r for _, d, w, r in rows if w == "1" and d == dec)
+        same = next(r for n, d, w, r in rows if w == "-" and d == dec and "loader's" in n)
+        print(
+            f"ratio ({dec}): loader with 1 worker / bare torchvision.transforms loop = {one / base:.2f}; "
+            f"/ bare loop with the same decode+crop = {one / same:.2f} (goal >= 0.8)"
+        )
+
+
+if __name__ == "__main__":
+    main()

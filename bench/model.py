@@ -1,0 +1,292 @@
+"""Model benchmark: our ViT against timm and raw kernels, measured side by side in one process.
+
+Every ratio times A and B interleaved (A, B, A, B, ...) and takes the median of each, so a load
+change hits both sides. Run: ``python bench/model.py`` (``--quick`` for fewer repetitions). On a
+machine with CUDA it also measures ViT-B/16 bf16 training throughput and MFU at the largest batch
+that fits, with and without gradient checkpointing (``--compile`` adds torch.compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from pipeline.model import ViT, forward_macs, vit_preset
+
+# Dense bf16 tensor-core peaks (vendor data sheets); the first name found in the device name wins.
+PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def interleaved(a: Callable[[], None], b: Callable[[], None], reps: int, warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, timed alternately."""
+    for _ in range(warmup):
+        a(), b()
+    times_a, times_b = [], []
+    for _ in range(reps):
+        for fn, times in ((a, times_a), (b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def train_step(model: nn.Module, img: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        F.cross_entropy(model(img), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def row(name: str, a: float, b: float, goal: str = "") -> None:
+    print(f"{name:<58} {a * 1e3:>10.1f} {b * 1e3:>10.1f} {a / b:>7.3f}  {goal}")
+
+
+def bench_vs_timm(reps: int, batch: int) -> None:
+    torch.manual_seed(0)
+    ours = vit_preset("S/16").train()
+    theirs = timm.create_model("vit_small_patch16_224", pretrained=False).train()
+    for block in theirs.blocks:
+        block.attn.fused_attn = True  # timm's switch for F.scaled_dot_product_attention
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    img, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+    a, b = interleaved(train_step(ours, img, labels), train_step(theirs, img, labels), reps)
+    row(f"train step ViT-S/16 224 b{batch} fp32: ours / timm", a, b, "goal <= 1.00")
+
+
+def bench_attention(reps: int, batch: int) -> None:
+    """Attention at ViT-S/16 sizes, forward + backward."""
+    torch.manual_seed(0)
+    ours = vit_preset("S/16").blocks[0].attn.train()
+    x = torch.randn(batch, 197, 384, requires_grad=True)
+    q, k, v = (torch.randn(batch, 6, 197, 64, requires_grad=True) for _ in range(3))
+
+    def run(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: fn().sum().backward()
+
+    def seed_style() -> torch.Tensor:  # the seed's attention: explicit softmax(QK^T / sqrt(d)) V
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=6) for t in ours.qkv(x).chunk(3, dim=-1))
+        weights = torch.softmax(q @ k.transpose(-1, -2) * 64**-0.5, dim=-1)
+        return ours.proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
+
+    def raw_module() -> torch.Tensor:  # the same computation, written as bare calls
+        qkv = F.linear(x, ours.qkv.weight, ours.qkv.bias).reshape(batch, 197, 3, 6, 64).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(batch, 197, 384)
+        return F.linear(out, ours.proj.weight, ours.proj.bias)
+
+    row(
+        "attention fwd+bwd: our module / same ops as bare calls",
+        *interleaved(run(lambda: ours(x)), run(raw_module), reps),
+    )
+    a, b = interleaved(run(lambda: ours(x)), run(lambda: F.scaled_dot_product_attention(q, k, v)), reps)
+    row("attention fwd+bwd: our module (with qkv/proj) / bare F.sdpa", a, b, "(projections included)")
+    row("attention fwd+bwd: seed naive softmax / ours", *interleaved(run(seed_style), run(lambda: ours(x)), reps))
+
+
+def saved_activation_bytes(model: ViT, img: torch.Tensor) -> int:
+    """Unique storage bytes autograd keeps for backward, parameters excluded. Checkpointed blocks keep
+    their input alive for the recompute outside autograd's saved tensors: pre-hooks count those."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def keep_input(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        keep(args[0])
+
+    hooks = [block.register_forward_pre_hook(keep_input) for block in model.blocks]
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = model(img)
+    for hook in hooks:
+        hook.remove()
+    del out
+    return sum(kept.values())
+
+
+def bench_checkpointing(reps: int, batch: int) -> None:
+    torch.manual_seed(0)
+    model = vit_preset("S/16").train()
+    img, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+    sizes = []
+    for enabled in (False, True):
+        model.set_grad_checkpointing(enabled)
+        sizes.append(saved_activation_bytes(model, img))
+    print(
+        f"{'saved activations ViT-S/16 b' + str(batch) + ': without / with checkpointing':<58} "
+        f"{sizes[0] / 2**20:>8.1f}MB {sizes[1] / 2**20:>8.1f}MB {sizes[0] / sizes[1]:>7.2f}  goal >= 10"
+    )
+    step = train_step(model, img, labels)
+
+    def with_ckpt() -> None:
+        model.set_grad_checkpointing(True)
+        step()
+
+    def without() -> None:
+        model.set_grad_checkpointing(False)
+        step()
+
+    row("train step: with / without checkpointing", *interleaved(with_ckpt, without, reps), "goal <= 1.40")
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def accel_step(model: nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
+    img = torch.randn(batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(img), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _steps(model: nn.Module, batch: int, device: torch.device, n: int) -> None:
+    step = accel_step(model, batch, device)
+    for _ in range(n):
+        step()
+    _sync(device)
+
+
+def fits(model: nn.Module, batch: int, device: torch.device) -> bool:
+    try:
+        _steps(model, batch, device, 2)  # its activations and optimizer state die with its frame
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        _free()
+
+
+def largest_batch(model: nn.Module, device: torch.device, start: int, limit: int) -> int:
+    """Double the batch from ``start`` until it runs out of memory or reaches ``limit``."""
+    best, batch = 0, start
+    while batch <= limit and fits(model, batch, device):
+        best, batch = batch, batch * 2
+    if not best:
+        raise SystemExit(f"batch {start} does not fit on {device}; pass a smaller --start-batch")
+    return best
+
+
+def throughput(model: nn.Module, batch: int, device: torch.device, reps: int, steps: int = 3) -> float:
+    """Images per second: median over ``reps`` timings of ``steps`` train steps."""
+    step = accel_step(model, batch, device)
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return batch * steps / statistics.median(times)
+
+
+def bench_accelerator(args: argparse.Namespace, device: torch.device) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    peak = peak_flops(device, args.peak_tflops)
+    print(f"\n{args.accel_preset} 224 bf16 train step on {name} (peak {peak / 1e12 if peak else 'unknown'} TFLOPs)")
+    print(f"{'checkpointing':<14} {'compile':<8} {'batch':>6} {'img/s':>9} {'MFU':>7}")
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = vit_preset(args.accel_preset).to(device).train()
+        model.set_grad_checkpointing(ckpt)
+        batch = largest_batch(model, device, args.start_batch, args.max_batch)
+        flops_per_img = 3 * 2 * forward_macs(model)  # forward + backward, 2 flops per MAC
+        runs = [(False, model)] + ([(True, torch.compile(model))] if args.compile else [])
+        for compiled, runner in runs:
+            try:
+                img_s = throughput(runner, batch, device, args.reps)
+            except torch.OutOfMemoryError:
+                print(f"{str(ckpt):<14} {str(compiled):<8} {batch:>6}  out of memory")
+                continue
+            mfu = f"{flops_per_img * img_s / peak:>7.1%}" if peak else "      -"
+            print(f"{str(ckpt):<14} {str(compiled):<8} {batch:>6} {img_s:>9.1f} {mfu}")
+        del model, runs
+        _free()
+    print("MFU counts model FLOPs (3 x forward): the recompute of checkpointing is not credited.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for all CPU timings)")
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per side (median; >= 5)")
+    parser.add_argument("--quick", action="store_true", help="5 repetitions, smaller CPU batches")
+    parser.add_argument("--skip-cpu", action="store_true", help="only the accelerator section")
+    parser.add_argument(
+        "--accel-device", default="cuda", help="device of the throughput section (cuda, or cpu to try it)"
+    )
+    parser.add_argument("--accel-preset", default="B/16", help="model of the throughput section")
+    parser.add_argument("--start-batch", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=2048)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak")
+    args = parser.parse_args()
+    reps = 5 if args.quick else max(args.reps, 5)
+    args.reps = reps
+    torch.set_num_threads(args.threads)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"CPU: {cpu_name()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"timm {timm.__version__}, GPU: {gpu}")  # fmt: skip
+    if not args.skip_cpu:
+        print(f"\n{'CPU, fp32, median of ' + str(reps) + ' interleaved reps':<58} {'A ms':>10} {'B ms':>10} {'A/B':>7}")
+        bench_vs_timm(reps, batch=4 if args.quick else 8)
+        bench_attention(reps, batch=8)
+        bench_checkpointing(reps, batch=4 if args.quick else 8)
+    device = torch.device(args.accel_device)
+    if device.type == "cpu" or torch.cuda.is_available():
+        bench_accelerator(args, device)
+    else:
+        print("\nno CUDA device: accelerator section skipped")
+
+
+if __name__ == "__main__":
+    main()

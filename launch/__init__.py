@@ -1,0 +1,1 @@
+"""Launching runs: `python launch/submit.py` (SLURM through submitit, or local processes)."""

@@ -1,0 +1,100 @@
+"""Pre-submission checks: everything that can be known wrong before a job waits in a queue.
+
+Each check returns a one-line summary or raises :class:`Refused` with the reason and the fix; the
+launcher submits nothing after a refusal. The config itself was validated when it was loaded.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from launch import cluster
+from launch.jobfile import read_job_file
+from pipeline.config import Config
+
+ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"})
+
+
+class Refused(Exception):
+    """A check failed; the message names the problem and how to fix it."""
+
+
+def check_data(cfg: Config) -> str:
+    """The train split's shards can feed ``world_size`` ranks x ``data.num_workers`` workers."""
+    from pipeline.data import PreflightError, preflight
+
+    ranks, workers = cfg.launch.world_size, cfg.data.num_workers
+    batch = cfg.batch_plan(ranks).micro_batch_size
+    try:
+        r = preflight(cfg.data.path, split=cfg.data.train_split, ranks=ranks, workers=workers, batch_size=batch)
+    except PreflightError as e:
+        raise Refused(f"data preflight for {ranks} ranks x {max(workers, 1)} workers failed: {e}") from None
+    notes = "".join(f"; {n}" for n in r.notes)
+    return (
+        f"data: {r.path} split {r.split!r}: {r.samples} samples in {r.shards} shards feed {ranks} ranks x "
+        f"{max(workers, 1)} workers with {r.batches_per_rank} batches of {batch} per rank per epoch{notes}"
+    )
+
+
+def check_run_dir(run_dir: Path) -> str:
+    """The run dir exists (created if needed) and this user can write files into it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise Refused(
+            f"run dir {run_dir} is not writable ({e.strerror or e}); pass --run-dir with a directory you can "
+            f"write (checkpoints, logs and job.json go there)"
+        ) from None
+    return f"run dir: {run_dir} is writable"
+
+
+def check_resume(cfg: Config, run_dir: Path) -> str:
+    """Whether the run dir holds a complete checkpoint to resume (a run dir with only broken ones is refused)."""
+    from pipeline.train.checkpoint import CheckpointError, inspect_run_dir
+
+    try:
+        info = inspect_run_dir(run_dir)
+    except CheckpointError as e:
+        raise Refused(str(e)) from None
+    if info is None:
+        if cfg.checkpoint.resume == "require":
+            raise Refused(
+                f"checkpoint.resume=require but {run_dir} has no checkpoints; pass --run-dir of the run to resume"
+            )
+        return "checkpoint: none in the run dir, the job starts fresh"
+    where = f"checkpoint: resumes from step {info.step} ({info.tag}, saved by {info.world_size} ranks)"
+    if info.world_size != cfg.launch.world_size:
+        where += f"; converted for {cfg.launch.world_size} ranks (universal checkpoint)"
+    return where
+
+
+def check_no_active_job(run_dir: Path) -> str:
+    """Refuse a second job on a run dir whose earlier job still runs: both would write its checkpoints."""
+    data = read_job_file(run_dir)
+    for job in data.get("jobs", []):
+        jid = job["job_id"]
+        if job.get("executor") == "slurm":
+            state = cluster.job_state(jid)
+            if state in ACTIVE_STATES:
+                raise Refused(
+                    f"job {jid} ({state}) still uses {run_dir}; wait for it (`--status {run_dir}`), cancel it "
+                    f"(`scancel {jid}`), or pass another --run-dir"
+                )
+        elif jid.isdigit() and _local_job_running(int(jid)):
+            raise Refused(
+                f"local job {jid} (pid) still uses {run_dir}; wait for it, stop it (`kill {jid}`), or pass "
+                f"another --run-dir"
+            )
+    return "run dir: no earlier job of it is active"
+
+
+def _local_job_running(pid: int) -> bool:
+    """A local job's id is its submitit controller's PID; a reused PID is not our controller."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "submitit.local._local" in cmdline

@@ -1,0 +1,257 @@
+"""Everything that touches submitit (the only module importing it): executors, the sbatch script,
+and :class:`RankJob`, the callable every rank runs.
+
+Requeue protocol (submitit 1.5.4, core/job_environment.py): submitit binds USR2 to
+``SignalHandler.checkpoint_and_try_requeue`` before our callable starts. On global rank 0 that
+handler calls our ``checkpoint()``, pickles the ``DelayedSubmission`` it returns, runs
+``scontrol requeue`` (local executor: exits with code 144, which restarts the tasks) and exits; on
+every other rank it only logs. ``countdown = max_num_timeout - timed_out`` decides whether a
+*timeout* may requeue again; a signal counts as a timeout once the job ran
+min(80 %, limit - 10 min) of its time limit (always, for limits under 12.5 min), as a preemption
+otherwise, and preemptions never use up the countdown. A ZeRO save is collective, so rank 0 alone
+cannot save in that handler: the training engine replaces it with a flag that all ranks agree on
+at the next step boundary, all ranks save, ``run()`` returns "preempted", and only then do we hand
+over to submitit's handler (kept by ``pipeline.train.preemption.previous_handler()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import FailedJobError
+from submitit.helpers import DelayedSubmission
+
+from launch import cluster, jobfile
+from pipeline.config import Config, LaunchConfig
+
+log = logging.getLogger(__name__)
+
+ExecutorKind = Literal["slurm", "local"]
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the project checkout the job imports from
+SUBMITIT_DIR = "submitit"
+
+
+class SubmissionError(RuntimeError):
+    """The scheduler refused the job (e.g. sbatch's error for a bad partition or account)."""
+
+
+def submitit_folder(run_dir: Path) -> Path:
+    """Per-job folder for submitit's pickles and logs; %j keeps jobs apart (SLURM ids can repeat)."""
+    return run_dir / SUBMITIT_DIR / "%j"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What to submit where; built by launch/submit.py after the pre-submission checks."""
+
+    kind: ExecutorKind
+    launch: LaunchConfig
+    run_dir: Path
+    job_name: str
+    python: str  # the interpreter command submitit runs (wrapped by Apptainer with --container)
+
+    @property
+    def folder(self) -> Path:
+        return submitit_folder(self.run_dir)
+
+    @property
+    def setup(self) -> list[str]:
+        # The job imports `launch.executor` (RankJob) and `pipeline` from the submitted checkout.
+        return [f"export PYTHONPATH={shlex.quote(str(SOURCE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+
+
+def sbatch_parameters(plan: LaunchPlan) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters (sbatch's names) for ``plan``; empty settings are left out."""
+    la = plan.launch
+    params: dict[str, Any] = {
+        "job_name": plan.job_name,
+        "time": la.time_min,
+        "nodes": la.nodes,
+        "ntasks_per_node": la.tasks_per_node,  # one task per GPU (or per CPU rank)
+        "signal_delay_s": la.signal_delay_s,  # USR2 this long before the limit
+        "setup": plan.setup,
+        "additional_parameters": {"requeue": True},  # allow `scontrol requeue` even where JobRequeue=0
+    }
+    optional = {
+        "gpus_per_node": la.gpus_per_node,
+        "cpus_per_task": la.cpus_per_task,
+        "mem": la.mem,
+        "partition": la.partition,
+        "account": la.account,
+        "qos": la.qos,
+        "constraint": la.constraint,
+        "exclude": la.exclude,
+    }
+    params.update({k: v for k, v in optional.items() if v})
+    return params
+
+
+def sbatch_script(plan: LaunchPlan) -> str:
+    """The sbatch script submitit writes for ``plan`` (for --dry-run; needs no SLURM installed)."""
+    from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor itself calls
+
+    command = " ".join([plan.python, "-u -m submitit.core._submit", shlex.quote(str(plan.folder))])
+    return _make_sbatch_string(command=command, folder=plan.folder, **sbatch_parameters(plan))
+
+
+def _make_executor(plan: LaunchPlan) -> submitit.core.core.PicklingExecutor:
+    """A SLURM or local executor. We pick the cluster ourselves: AutoExecutor.which() picks SLURM
+    whenever `srun` is on PATH, and AutoExecutor cannot pass the local executor's signal delay."""
+    la = plan.launch
+    if plan.kind == "slurm":
+        ex = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=la.max_timeouts, python=plan.python)
+        ex.update_parameters(**sbatch_parameters(plan))
+        return ex
+    ex = submitit.LocalExecutor(folder=plan.folder, max_num_timeout=la.max_timeouts, python=plan.python)
+    # One machine plays all nodes: nodes x tasks_per_node processes, GPUs 0..n-1 visible to them.
+    ex.update_parameters(
+        timeout_min=la.time_min,
+        tasks_per_node=la.world_size,
+        gpus_per_node=la.nodes * la.gpus_per_node,
+        signal_delay_s=la.signal_delay_s,
+    )
+    return ex
+
+
+@dataclass
+class SubmittedJob:
+    kind: ExecutorKind
+    job: Any  # submitit.Job
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job.job_id)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.job.paths.folder)
+
+    @property
+    def rank0_logs(self) -> tuple[Path, Path]:
+        return Path(self.job.paths.stdout), Path(self.job.paths.stderr)
+
+    def state(self) -> str:
+        """SLURM-style state: PENDING/RUNNING/... while active, then COMPLETED or FAILED etc."""
+        if self.kind == "slurm":
+            return cluster.job_state(self.job_id)
+        if not self.job.done():
+            return "RUNNING"
+        return "COMPLETED" if self.job.exception() is None else "FAILED"
+
+
+# A submission from inside a job must not pass that job's identity on (submitit's clean_env() does
+# the same, but also drops SLURM_CONF, which says where the cluster is).
+_JOB_VARS = ("SLURM_", "SLURMD_", "SRUN_", "SUBMITIT_")
+_RANK_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+_KEEP = ("SLURM_CONF",)
+
+
+@contextlib.contextmanager
+def _outside_job_env() -> Iterator[None]:
+    hidden = {
+        k: os.environ.pop(k)
+        for k in list(os.environ)
+        if (k.startswith(_JOB_VARS) or k in _RANK_VARS) and k not in _KEEP
+    }
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
+def submit(plan: LaunchPlan, rank_job: RankJob) -> SubmittedJob:
+    """Queue ``rank_job`` on every rank; raises SubmissionError with the scheduler's words."""
+    executor = _make_executor(plan)
+    if plan.kind == "local":
+        # sbatch runs the setup lines; the local executor inherits our environment instead.
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = f"{SOURCE_ROOT}{os.pathsep + old if old else ''}"
+    captured = io.StringIO()
+    try:
+        with _outside_job_env(), contextlib.redirect_stderr(captured):
+            job = executor.submit(rank_job)
+    except FailedJobError as e:
+        raise SubmissionError(str(e).strip() or captured.getvalue().strip()) from None
+    return SubmittedJob(plan.kind, job)
+
+
+def _rendezvous(env: Any, fixed_port: int) -> dict[str, str]:
+    """torchrun-style variables for this rank, from submitit's JobEnvironment (the engine's seam
+    ``pipeline.train.dist_env.detect()`` reads these first, so SLURM and local runs are the same)."""
+    from pipeline.train.dist_env import port_for_job
+
+    local = env.cluster == "local"
+    return {
+        "RANK": str(env.global_rank),
+        "WORLD_SIZE": str(env.num_tasks),
+        "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(env.num_tasks // env.num_nodes),
+        # All local ranks share this machine; SLURM: the first host of the job's node list.
+        "MASTER_ADDR": "127.0.0.1" if local else env.hostnames[0],
+        "MASTER_PORT": str(fixed_port or port_for_job(env.job_id)),
+    }
+
+
+def _hand_over_to_submitit() -> None:
+    """After all ranks saved: let submitit's USR2 handler checkpoint() + requeue (rank 0) or log (others)."""
+    from pipeline.train import preemption
+
+    handler = preemption.previous_handler()
+    if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+        log.warning("stopped on USR2 but submitit's signal handler is not installed: not requeued")
+        return
+    handler(signal.SIGUSR2, None)  # rank 0 exits here (after requeueing); other ranks return
+
+
+@dataclass
+class RankJob:
+    """The callable submitit runs once per rank: rendezvous, train, requeue when preempted."""
+
+    cfg: Config
+    overrides: tuple[str, ...] = ()
+    requeues: int = 0  # requeues through checkpoint() so far (the local executor's restart count)
+
+    def __call__(self) -> Any:
+        env = submitit.JobEnvironment()
+        os.environ.update(_rendezvous(env, self.cfg.launch.port))
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", self.requeues))
+        os.environ["PIPELINE_REQUEUE_COUNT"] = str(restart)
+        run_dir, rank0 = Path(self.cfg.train.run_dir), env.global_rank == 0
+        if rank0:
+            jobfile.record_attempt_start(run_dir, job_id=env.job_id, restart=restart, hosts=list(env.hostnames))
+        from pipeline.train import run  # here, not at the top: the submitter never imports torch
+
+        try:
+            result = run(self.cfg, overrides=list(self.overrides))
+        except BaseException as e:
+            if rank0:
+                jobfile.record_attempt_end(run_dir, job_id=env.job_id, result="failed", error=repr(e)[:500])
+            raise
+        if rank0:
+            jobfile.record_attempt_end(
+                run_dir, job_id=env.job_id, result=result.status, step=result.step, mlflow_run_id=result.run_id
+            )
+        if result.status == "preempted":
+            _hand_over_to_submitit()
+        return result
+
+    def checkpoint(self) -> DelayedSubmission:
+        """Called by submitit on rank 0 after the save: the same config and run dir, so the engine
+        resumes from the newest complete checkpoint and reopens the same MLflow run."""
+        return DelayedSubmission(replace(self, requeues=self.requeues + 1))
+
+
+def python_command() -> str:
+    return shlex.quote(sys.executable)

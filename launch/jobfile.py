@@ -1,0 +1,98 @@
+"""``<run_dir>/job.json``: which jobs ran this run, on which nodes, and how often they were requeued.
+
+Written by two parties: the launcher when it submits (a ``jobs`` entry) and global rank 0 of every
+attempt (an ``attempts`` entry at start, completed at the end). Each write is a read-modify-write
+under an exclusive ``flock`` and an atomic rename, so a reader never sees half a file.
+
+    {"name": "smoke", "run_dir": "...",
+     "jobs": [{"job_id": "7", "executor": "slurm", "submitted": "...", "nodes": 2, "tasks_per_node": 1,
+               "folder": ".../submitit/7", "command": "python launch/submit.py ..."}],
+     "attempts": [{"job_id": "7", "restart": 0, "hosts": ["node1", "node2"], "started": "...",
+                   "ended": "...", "result": "preempted", "step": 17, "mlflow_run_id": "..."}],
+     "requeues": 1}
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+JOB_FILE = "job.json"
+_LOCK_FILE = ".job.json.lock"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / _LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_job_file(run_dir: str | Path) -> dict[str, Any]:
+    """The run's job.json, or {} when there is none (or it cannot be parsed)."""
+    try:
+        data = json.loads((Path(run_dir) / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_job_file(run_dir: str | Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply ``change`` to job.json in place, under the lock; returns the new content."""
+    run_dir = Path(run_dir)
+    with _locked(run_dir):
+        data = read_job_file(run_dir)
+        data.setdefault("jobs", [])
+        data.setdefault("attempts", [])
+        change(data)
+        # A requeue is every attempt of a job after its first.
+        jobs_seen = {a["job_id"] for a in data["attempts"]}
+        data["requeues"] = len(data["attempts"]) - len(jobs_seen)
+        tmp = run_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, run_dir / JOB_FILE)
+    return data
+
+
+def record_submission(run_dir: str | Path, *, name: str, job: dict[str, Any]) -> None:
+    """Add a submitted job (``job_id``, ``executor``, ``nodes``, ``tasks_per_node``, ``folder``, ...)."""
+
+    def change(data: dict[str, Any]) -> None:
+        data["name"] = name
+        data["run_dir"] = str(run_dir)
+        data["jobs"].append({"submitted": _now(), **job})
+
+    update_job_file(run_dir, change)
+
+
+def record_attempt_start(run_dir: str | Path, *, job_id: str, restart: int, hosts: list[str]) -> None:
+    def change(data: dict[str, Any]) -> None:
+        data["attempts"].append({"job_id": job_id, "restart": restart, "hosts": hosts, "started": _now()})
+
+    update_job_file(run_dir, change)
+
+
+def record_attempt_end(run_dir: str | Path, *, job_id: str, result: str, **fields: Any) -> None:
+    """Close the newest open attempt of ``job_id`` with its ``result`` ("completed", "preempted", "failed")."""
+
+    def change(data: dict[str, Any]) -> None:
+        for attempt in reversed(data["attempts"]):
+            if attempt["job_id"] == job_id and "ended" not in attempt:
+                attempt.update(ended=_now(), result=result, **fields)
+                return
+
+    update_job_file(run_dir, change)

@@ -1,0 +1,222 @@
+"""Per-GPU memory plan of a run: ZeRO model states plus activations, from the config alone.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020, sec. 3 and 5): with Ψ parameters and
+N data-parallel ranks, mixed precision (bf16/fp16) keeps 2Ψ bytes of 16-bit parameters, 2Ψ of
+16-bit gradients and KΨ = 12Ψ of optimizer states (fp32 master copy, Adam m and v); plain fp32
+keeps 4Ψ + 4Ψ + 8Ψ (the parameters are their own master copy). Stage 1 partitions the optimizer
+states over the N ranks, stage 2 also the gradients, stage 3 also the parameters. Offloading moves
+the optimizer states (and, at stage 3, the parameters) to CPU memory. DeepSpeed's communication
+buckets, the CUDA context and allocator fragmentation come on top (typically 1-3 GiB per GPU).
+
+Activations are what one micro batch keeps for the backward pass, counted tensor by tensor for
+our ViT (pipeline/model/vit.py), with s tokens, b images per micro batch, width h, attention width
+i = heads x dim_head, MLP width m, e bytes per element (2 for bf16/fp16, 4 for fp32), per block:
+
+    e * (4sbh + 4sbi + 2sbm) + 4asb + 16sb     [+ (2sbh + sbm) one-byte dropout masks when dropout > 0]
+
+    4sbh: inputs of norm1, qkv, norm2, fc1     4sbi: q, k, v and the attention output
+    2sbm: inputs of GELU and fc2                4asb: fp32 log-sum-exp of fused attention
+    16sb: fp32 mean and 1/std of the two LayerNorms
+
+This is Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+eq. 1: 34sbh + 5as²b at e=2) without the 5as²b attention-matrix terms, which the fused attention of
+``F.scaled_dot_product_attention`` (flash / memory-efficient kernels) does not store. Outside the
+blocks: the flattened patches (b·N·C·p²), the last block's output (CLS pooling selects a view of it,
+which keeps all of it alive), the pooled vector through norm and head, and fp32 logits. With
+gradient checkpointing every block keeps only its input (e·sbh) and one block at a time is
+recomputed in backward, so the peak is L·e·sbh + one block + the outside terms.
+tests/launch/test_memory_plan.py checks the formula against the tensors autograd actually saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import Config, ModelConfig
+
+GiB = 1024**3
+# (16-bit or fp32 parameters, gradients, optimizer states) bytes per parameter
+_STATE_BYTES = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _geometry(model: ModelConfig) -> tuple[int, int, int]:
+    """(patches, patch_dim, tokens) of the ViT the config builds."""
+    (ih, iw), (ph, pw) = _pair(model.image_size), _pair(model.patch_size)
+    patches = (ih // ph) * (iw // pw)
+    return patches, model.channels * ph * pw, patches + int(model.class_token)
+
+
+def count_params(model: ModelConfig) -> int:
+    """Parameters of ``pipeline.model.ViT(**model.vit_kwargs())``, counted analytically."""
+    patches, patch_dim, tokens = _geometry(model)
+    d, inner, m = model.dim, model.heads * model.dim_head, model.mlp_dim
+    embed = patch_dim * d + d + tokens * d  # patch projection, position embedding
+    embed += d if model.class_token else 0
+    embed += 2 * patch_dim + 2 * d if model.patch_norm else 0  # LayerNorms around the projection
+    qkv = d * 3 * inner + (3 * inner if model.qkv_bias else 0)
+    proj = 0 if (model.heads == 1 and model.dim_head == d) else inner * d + d
+    block = 2 * d + qkv + proj + 2 * d + (d * m + m) + (m * d + d)  # norm1, attention, norm2, MLP
+    head = d * model.num_classes + model.num_classes
+    return embed + model.depth * block + 2 * d + head
+
+
+@dataclass(frozen=True)
+class StageBytes:
+    """Model-state bytes per GPU at one ZeRO stage; ``cpu`` is what offloading moves to host memory."""
+
+    stage: int
+    params: int
+    grads: int
+    optimizer: int
+    cpu: int
+
+    @property
+    def gpu_total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(
+    num_params: int, *, stage: int, world_size: int, precision: str, offload_optimizer: bool, offload_params: bool
+) -> StageBytes:
+    """ZeRO's per-GPU bytes for parameters, gradients and optimizer states (see the module doc)."""
+    per_param, per_grad, per_state = _STATE_BYTES[precision]
+    n = world_size
+    params = num_params * per_param / (n if stage >= 3 else 1)
+    grads = num_params * per_grad / (n if stage >= 2 else 1)
+    optimizer = num_params * per_state / (n if stage >= 1 else 1)
+    cpu = 0.0
+    if offload_optimizer and stage >= 1:
+        cpu, optimizer = cpu + optimizer, 0.0
+    if offload_params and stage == 3:
+        cpu, params = cpu + params, 0.0
+    return StageBytes(stage, round(params), round(grads), round(optimizer), round(cpu))
+
+
+def activation_bytes(model: ModelConfig, *, micro_batch: int, precision: str, checkpointing: bool) -> int:
+    """Bytes one micro batch keeps for backward (formula in the module doc)."""
+    patches, patch_dim, s = _geometry(model)
+    b, h, m, a = micro_batch, model.dim, model.mlp_dim, model.heads
+    i = model.heads * model.dim_head
+    e = 4 if precision == "fp32" else 2
+    block = e * (4 * s * b * h + 4 * s * b * i + 2 * s * b * m) + 4 * a * s * b + 16 * s * b
+    if model.dropout > 0:
+        block += 2 * s * b * h + s * b * m
+    last_tokens = s * b * h if (model.pool == "cls" or model.norm_before_pool) else 0
+    outside = e * (b * patches * patch_dim + last_tokens + b * h) + 8 * b + 4 * b * model.num_classes
+    if checkpointing:
+        return model.depth * e * s * b * h + block + outside
+    return model.depth * block + outside
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    num_params: int
+    nodes: int
+    ranks_per_node: int
+    on_gpu: bool
+    precision: str
+    zero_stage: int
+    micro_batch_size: int
+    tokens: int
+    stages: tuple[StageBytes, ...]  # stages 0..3, for comparison
+    activations: int  # without gradient checkpointing
+    activations_checkpointed: int
+    grad_checkpointing: bool  # what the config asks for
+    gpu_mem_bytes: int  # 0: unknown
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def total(self) -> int:
+        """Model states at the configured stage + activations with the configured checkpointing."""
+        acts = self.activations_checkpointed if self.grad_checkpointing else self.activations
+        return self.stages[self.zero_stage].gpu_total + acts
+
+
+def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
+    """The plan for ``cfg`` on ``nodes`` x ``gpus_per_node`` GPUs (0 GPUs: CPU ranks per node)."""
+    ranks_per_node = gpus_per_node or cfg.launch.ranks_per_node
+    world = nodes * ranks_per_node
+    t, model = cfg.train, cfg.model
+    num_params = count_params(model)
+    stages = tuple(
+        model_state_bytes(
+            num_params,
+            stage=stage,
+            world_size=world,
+            precision=t.precision,
+            offload_optimizer=t.offload_optimizer,
+            offload_params=t.offload_params,
+        )
+        for stage in range(4)
+    )
+    micro = cfg.batch_plan(world).micro_batch_size
+
+    def acts(ckpt: bool) -> int:
+        return activation_bytes(model, micro_batch=micro, precision=t.precision, checkpointing=ckpt)
+
+    return MemoryPlan(
+        num_params=num_params,
+        nodes=nodes,
+        ranks_per_node=ranks_per_node,
+        on_gpu=gpus_per_node > 0,
+        precision=t.precision,
+        zero_stage=t.zero_stage,
+        micro_batch_size=micro,
+        tokens=_geometry(model)[2],
+        stages=stages,
+        activations=acts(False),
+        activations_checkpointed=acts(True),
+        grad_checkpointing=model.grad_checkpointing,
+        gpu_mem_bytes=round(cfg.launch.gpu_mem_gb * GiB),
+    )
+
+
+def _size(n: float) -> str:
+    """Bytes in the largest unit that keeps a digit before the point (GiB, MiB or KiB), width 10."""
+    if n == 0:
+        return f"{0:6d}    "
+    for unit, scale in (("GiB", GiB), ("MiB", 1024**2)):
+        if n >= scale:
+            return f"{n / scale:6.2f} {unit}"
+    return f"{n / 1024:6.2f} KiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as the text block `launch/submit.py --dry-run` prints."""
+    device = "GPU" if plan.on_gpu else "rank (CPU ranks: no GPU memory involved)"
+    p, g, o = _STATE_BYTES[plan.precision]
+    lines = [
+        f"memory plan per {device}: ViT with {plan.num_params:,} parameters ({plan.num_params / 1e6:.1f} M), "
+        f"{plan.world_size} ranks ({plan.nodes} node(s) x {plan.ranks_per_node})",
+        f"  model states ({plan.precision}: {p} B params + {g} B grads + {o} B optimizer states per parameter, "
+        "ZeRO paper formulas):",
+        "    stage      params       grads   optimizer       total   offloaded to CPU",
+    ]
+    for s in plan.stages:
+        mark = " *" if s.stage == plan.zero_stage else "  "
+        cells = "  ".join(_size(v) for v in (s.params, s.grads, s.optimizer, s.gpu_total, s.cpu))
+        lines.append(f"    {s.stage}{mark}  {cells}")
+    lines.append("    (* = train.zero_stage)")
+    lines.append(
+        f"  activations per micro batch of {plan.micro_batch_size} images ({plan.tokens} tokens, fused attention): "
+        f"{_size(plan.activations).strip()} without checkpointing, {_size(plan.activations_checkpointed).strip()} "
+        f"with (model.grad_checkpointing={str(plan.grad_checkpointing).lower()})"
+    )
+    total = f"  total at stage {plan.zero_stage}: {_size(plan.total).strip()}"
+    if plan.gpu_mem_bytes:
+        share = plan.total / plan.gpu_mem_bytes
+        verdict = "fits" if share <= 0.9 else "TIGHT (> 90%)" if share <= 1 else "DOES NOT FIT"
+        total += f" of {_size(plan.gpu_mem_bytes).strip()} ({share:.0%}): {verdict}"
+    elif plan.on_gpu:
+        total += " (GPU memory unknown: set launch.gpu_mem_gb=80 to compare)"
+    if plan.on_gpu:
+        total += "; add 1-3 GiB for the CUDA context, DeepSpeed buffers and fragmentation"
+    lines.append(total)
+    return "\n".join(lines)

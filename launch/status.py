@@ -1,0 +1,150 @@
+"""`launch/submit.py --status RUN_DIR` and `--follow`: what a run's jobs did, and the live log.
+
+Reads ``job.json`` (launch/jobfile.py), SLURM's accounting for the job states, the newest complete
+checkpoint and the tracker's ``tracking.json`` for the MLflow run id. No submitit here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from launch import cluster
+from launch.jobfile import JOB_FILE, read_job_file
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _local_state(job: dict[str, Any], attempts: list[dict[str, Any]]) -> str:
+    """A local job's id is its controller's PID: alive means running; else the last attempt's result."""
+    if job["job_id"].isdigit() and _pid_alive(int(job["job_id"])) and not _finished(attempts):
+        return "RUNNING"
+    if not attempts:
+        return "FAILED (no rank started)" if not _pid_alive(int(job["job_id"])) else "PENDING"
+    return {"completed": "COMPLETED", "preempted": "PREEMPTED", "failed": "FAILED"}.get(
+        attempts[-1].get("result", ""), "FAILED (ended without a result)"
+    )
+
+
+def _finished(attempts: list[dict[str, Any]]) -> bool:
+    return bool(attempts) and attempts[-1].get("result") == "completed"
+
+
+def job_states(data: dict[str, Any]) -> dict[str, str]:
+    """job id -> state, from SLURM (squeue, then sacct) or, for local jobs, the process and job.json."""
+    states: dict[str, str] = {}
+    slurm_ids = [j["job_id"] for j in data.get("jobs", []) if j.get("executor") == "slurm"]
+    accounting = cluster.sacct_jobs(slurm_ids)
+    for job in data.get("jobs", []):
+        jid = job["job_id"]
+        attempts = [a for a in data.get("attempts", []) if a["job_id"] == jid]
+        if job.get("executor") == "slurm":
+            live = cluster.squeue_state(jid)
+            states[jid] = live or (accounting[jid].state if jid in accounting else "UNKNOWN (no sacct record)")
+        else:
+            states[jid] = _local_state(job, attempts)
+    return states
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    from pipeline.train.checkpoint import CheckpointError, inspect_run_dir
+
+    try:
+        info = inspect_run_dir(run_dir)
+    except CheckpointError as e:
+        return f"none complete ({e})"
+    return "none" if info is None else f"step {info.step} ({info.tag}, saved by {info.world_size} ranks)"
+
+
+def _mlflow_run_id(run_dir: Path, data: dict[str, Any]) -> str:
+    try:
+        state = json.loads((run_dir / "tracking.json").read_text())
+        if isinstance(state, dict) and state.get("run_id"):
+            return str(state["run_id"])
+    except (OSError, ValueError):
+        pass
+    ids = [a.get("mlflow_run_id") for a in data.get("attempts", []) if a.get("mlflow_run_id")]
+    return ids[-1] if ids else "-"
+
+
+def summarise(run_dir: str | Path) -> str:
+    """The --status text; raises FileNotFoundError when ``run_dir`` has no job.json."""
+    run_dir = Path(run_dir)
+    data = read_job_file(run_dir)
+    if not data:
+        raise FileNotFoundError(
+            f"{run_dir / JOB_FILE} does not exist: {run_dir} is not a run directory launched by launch/submit.py"
+        )
+    states = job_states(data)
+    lines = [f"run {data.get('name', '?')}: {run_dir}"]
+    for job in data["jobs"]:
+        jid = job["job_id"]
+        attempts = [a for a in data["attempts"] if a["job_id"] == jid]
+        hosts = attempts[-1].get("hosts", []) if attempts else []
+        lines.append(
+            f"  job {jid} ({job.get('executor')}, {job.get('nodes')} node(s) x {job.get('tasks_per_node')} tasks): "
+            f"{states[jid]}; submitted {job.get('submitted', '?')}; attempts {len(attempts)}"
+            + (f"; nodes {','.join(hosts)}" if hosts else "")
+        )
+        for a in attempts:
+            result = a.get("result", "running")
+            step = f" at step {a['step']}" if "step" in a else ""
+            when = f"{a.get('started')} .. {a.get('ended', '')}"
+            lines.append(f"    attempt restart={a.get('restart')}: {result}{step} ({when})")
+    lines.append(f"  requeues: {data.get('requeues', 0)}")
+    lines.append(f"  last checkpoint: {_last_checkpoint(run_dir)}")
+    lines.append(f"  MLflow run id: {_mlflow_run_id(run_dir, data)}")
+    lines.append(f"  logs: {run_dir / 'submitit'}")
+    return "\n".join(lines)
+
+
+class _Tail:
+    """Prints what was appended to a file since the last call (the file may not exist yet)."""
+
+    def __init__(self, path: Path, out: TextIO) -> None:
+        self.path, self.out, self.offset = path, out, 0
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        if chunk:
+            self.offset += len(chunk)
+            self.out.write(chunk.decode(errors="replace"))
+            self.out.flush()
+
+
+def follow(logs: tuple[Path, ...], state: Callable[[], str], *, poll_s: float = 2.0, out: TextIO = sys.stdout) -> str:
+    """Stream ``logs`` (rank 0's stdout and stderr) until ``state()`` is final; returns that state."""
+    tails = [_Tail(p, out) for p in logs]
+    last = ""
+    while True:
+        current = state()
+        for t in tails:
+            t.pump()
+        if current != last:
+            out.write(f"[launch] job state: {current}\n")
+            out.flush()
+            last = current
+        if current in cluster.FINAL_STATES:
+            time.sleep(poll_s)  # the last lines may land after the state changes
+            for t in tails:
+                t.pump()
+            return current
+        time.sleep(poll_s)

@@ -1,0 +1,316 @@
+"""Start a training run on SLURM (through submitit) or, without a cluster, as local processes.
+
+    python launch/submit.py --config configs/pretrain/vit_b16.yaml --nodes 8 --gpus-per-node 8
+    python launch/submit.py --config configs/smoke.yaml --local --follow
+    python launch/submit.py --config configs/pretrain/vit_b16.yaml --nodes 8 --gpus-per-node 8 --dry-run
+    python launch/submit.py --status runs/vit_b16
+
+Before anything is queued the config is loaded and validated, the data preflight runs for the
+requested ranks and workers, and the run dir is checked (writable, resumable, not in use by another
+job); any failure exits non-zero with the reason and nothing is submitted. Every rank runs
+``pipeline.train.run``; on SLURM's pre-timeout/preemption signal (USR2) all ranks save a checkpoint
+and the job requeues itself, resuming from that checkpoint in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+if __package__ in (None, ""):  # run as a script: make `launch` and `pipeline` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch import checks, cluster, container, jobfile, status  # noqa: E402
+from launch.executor import (  # noqa: E402
+    SOURCE_ROOT,
+    LaunchPlan,
+    RankJob,
+    SubmissionError,
+    python_command,
+    sbatch_script,
+    submit,
+    submitit_folder,
+)
+from launch.memory_plan import format_plan, memory_plan  # noqa: E402
+from pipeline.config import Config, ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
+
+EXAMPLES = """\
+examples:
+  python launch/submit.py --config configs/pretrain/vit_b16.yaml --nodes 8 --gpus-per-node 8 --partition gpu
+  python launch/submit.py --config configs/smoke.yaml --local --follow     # no cluster: local processes
+  python launch/submit.py --config configs/smoke.yaml --dry-run optim.lr=1e-3
+  python launch/submit.py --status runs/smoke
+
+Flags override the config's launch.* keys (and --run-dir train.run_dir); dotted overrides
+(section.key=value) override any key. Exit status: 0 submitted (with --follow: COMPLETED),
+1 refused before submission or the job did not complete, 2 bad config or arguments.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python launch/submit.py",
+        description="Submit a ViT pretraining run: SLURM through submitit when a SLURM controller answers, "
+        "else local processes (one per rank). Requeues itself on SLURM's timeout/preemption signal.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="YAML", help="YAML config (default: the embedded defaults, the local demo job)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+    res = p.add_argument_group("resources (override launch.*)")
+    res.add_argument("--nodes", type=int, metavar="N", help="number of nodes (launch.nodes)")
+    res.add_argument(
+        "--gpus-per-node", type=int, metavar="G", help="GPUs per node = tasks per node; 0 or absent: CPU ranks"
+    )
+    res.add_argument("--cpus-per-task", type=int, metavar="C", help="CPUs per task (rank); 0: the scheduler's default")
+    res.add_argument("--mem", help="memory per node, e.g. 64G (0: all of it)")
+    res.add_argument("--time", metavar="TIME", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS (launch.time_min)")
+    sched = p.add_argument_group("SLURM placement")
+    placement = [
+        ("--partition", "NAME", "partition (default: the cluster's default partition)"),
+        ("--account", "NAME", "account to charge"),
+        ("--qos", "NAME", "quality of service"),
+        ("--constraint", "FEATURES", "node features, e.g. h100"),
+        ("--exclude", "NODES", "nodes to avoid, e.g. node[3-4]"),
+        ("--job-name", "NAME", "job name (default: the config's name)"),
+    ]
+    for flag, metavar, what in placement:
+        sched.add_argument(flag, metavar=metavar, help=what)
+    run = p.add_argument_group("run")
+    run.add_argument(
+        "--run-dir", metavar="DIR", help="checkpoints, logs, job.json (default: train.run_dir, else runs/<name>)"
+    )
+    run.add_argument("--container", metavar="IMAGE.sif", help="run each rank inside this Apptainer image")
+    run.add_argument("--local", action="store_true", help="run as local processes even where SLURM is available")
+    run.add_argument("--dry-run", action="store_true", help="print config, sbatch script, rendezvous and memory "
+                     "plan, run the checks; submit nothing")  # fmt: skip
+    run.add_argument("--wait", "--follow", dest="follow", action="store_true",
+                     help="stream rank 0's log until the job ends; exit status reflects its final state")  # fmt: skip
+    run.add_argument("--status", metavar="RUN_DIR", help="summarise the jobs of RUN_DIR and exit")
+    return p
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The flags as dotted overrides (strings JSON-quoted so "0" stays a string)."""
+    out: list[str] = []
+    ints = {"nodes": "launch.nodes", "gpus_per_node": "launch.gpus_per_node", "cpus_per_task": "launch.cpus_per_task"}
+    strs = {"mem": "launch.mem", "partition": "launch.partition", "account": "launch.account", "qos": "launch.qos",
+            "constraint": "launch.constraint", "exclude": "launch.exclude", "job_name": "launch.job_name",
+            "container": "launch.container", "run_dir": "train.run_dir"}  # fmt: skip
+    out += [f"{key}={getattr(args, name)}" for name, key in ints.items() if getattr(args, name) is not None]
+    out += [f"{key}={json.dumps(getattr(args, name))}" for name, key in strs.items() if getattr(args, name) is not None]
+    if args.time is not None:
+        out.append(f"launch.time_min={cluster.parse_time_min(args.time)}")
+    if args.local:
+        out.append("launch.executor=local")
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Config file + dotted overrides + flags (flags win); run dir and data path made absolute."""
+    try:
+        flags = _flag_overrides(args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cfg = load_config(args.config, [*args.overrides, *flags])
+    if args.run_dir is None and cfg.train.run_dir == TrainConfig.run_dir:
+        cfg.train.run_dir = f"runs/{cfg.name}"
+    # Ranks may start in another working directory (sbatch --chdir, containers): absolute paths.
+    cfg.train.run_dir = str(Path(cfg.train.run_dir).expanduser().absolute())
+    cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
+    if cfg.launch.container:
+        cfg.launch.container = str(Path(cfg.launch.container).expanduser().absolute())
+    return cfg
+
+
+@dataclass(frozen=True)
+class Choice:
+    kind: Literal["slurm", "local"]
+    reason: str
+
+
+def choose_executor(cfg: Config) -> Choice:
+    """SLURM when a controller answers (not merely when its binaries exist), else local."""
+    if cfg.launch.executor == "local":
+        return Choice("local", "forced by --local / launch.executor=local")
+    probe = cluster.probe_slurm()
+    if probe.ok:
+        return Choice("slurm", probe.reason)
+    if cfg.launch.executor == "slurm":
+        raise checks.Refused(f"launch.executor=slurm but no SLURM cluster answers here: {probe.reason}")
+    return Choice("local", f"no SLURM cluster here ({probe.reason}): running locally on this machine")
+
+
+def _python_command(cfg: Config) -> str:
+    """The interpreter each rank starts: this Python, or python3 inside the Apptainer image."""
+    if not cfg.launch.container:
+        return python_command()
+    container.check_image(cfg.launch.container)
+    run_dir = Path(cfg.train.run_dir)
+    binds = container.bind_paths(
+        data=Path(cfg.data.path), run_dir=run_dir, submitit_dir=submitit_folder(run_dir).parent, source=SOURCE_ROOT
+    )
+    return container.apptainer_python(
+        cfg.launch.container, binds=binds, gpus=cfg.launch.gpus_per_node > 0, source=SOURCE_ROOT
+    )
+
+
+def _local_gpus() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def run_checks(cfg: Config, kind: str) -> list[str]:
+    """All pre-submission checks, in order; the first failure raises checks.Refused."""
+    run_dir = Path(cfg.train.run_dir)
+    done = [checks.check_run_dir(run_dir), checks.check_no_active_job(run_dir), checks.check_resume(cfg, run_dir)]
+    if cfg.launch.container and shutil.which("apptainer") is None:
+        if kind == "local":
+            raise checks.Refused("--container needs `apptainer` on PATH to run locally; install it or drop --container")
+        done.append("container: apptainer is not on PATH here; the compute nodes must have it")
+    if kind == "local" and cfg.launch.gpus_per_node:
+        need, have = cfg.launch.nodes * cfg.launch.gpus_per_node, _local_gpus()
+        if have < need:
+            raise checks.Refused(
+                f"the local executor needs {need} GPUs ({cfg.launch.nodes} node(s) x {cfg.launch.gpus_per_node}) "
+                f"but this machine has {have}; lower --nodes/--gpus-per-node, or submit where SLURM is available"
+            )
+    done.append(checks.check_data(cfg))
+    return done
+
+
+def rendezvous_plan(cfg: Config, kind: str) -> str:
+    from pipeline.train.dist_env import port_for_job
+
+    la = cfg.launch
+    backend = "nccl (GPUs)" if la.gpus_per_node else "gloo (CPU)"
+    master = "127.0.0.1 (all ranks on this machine)" if kind == "local" else "first host of SLURM_JOB_NODELIST"
+    derived = f"20000 + job id % 20000 (e.g. job 4242 -> {port_for_job('4242')})"
+    port = f"{la.port} (launch.port)" if la.port else derived
+    return "\n".join([
+        f"rendezvous: {la.world_size} ranks = {la.nodes} node(s) x {la.tasks_per_node} task(s), backend {backend}",
+        "  each rank sets RANK and LOCAL_RANK from submitit's JobEnvironment (SLURM_PROCID, SLURM_LOCALID), "
+        f"WORLD_SIZE={la.world_size}, LOCAL_WORLD_SIZE={la.tasks_per_node}",
+        f"  MASTER_ADDR={master}",
+        f"  MASTER_PORT={port}",
+        "  then pipeline.train.run(cfg) reads them through pipeline.train.dist_env.detect()",
+    ])  # fmt: skip
+
+
+def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice) -> int:
+    """Print everything a submission would do; run the checks; submit nothing."""
+    la = cfg.launch
+    print("== resolved config ==")
+    print(dump_config(cfg).rstrip())
+    print(f"\n== executor: {choice.kind} ({choice.reason}) ==")
+    if choice.kind == "local":
+        print(f"local executor: {la.world_size} processes on this machine; on a SLURM cluster the same job is:")
+    print("\n== sbatch script (written by submitit) ==")
+    print(sbatch_script(plan).rstrip())
+    print("\n== rank command ==")
+    print(f"{plan.python} -u -m submitit.core._submit {plan.folder}")
+    print(f"\n== {rendezvous_plan(cfg, choice.kind)}")
+    print("\n== " + format_plan(memory_plan(cfg, nodes=la.nodes, gpus_per_node=la.gpus_per_node)))
+    print("\n== pre-submission checks ==")
+    try:
+        for line in run_checks(cfg, choice.kind):
+            print(f"ok: {line}")
+    except checks.Refused as e:
+        print(f"REFUSED: {e}")
+        print("dry run: nothing submitted (a real submission would be refused)")
+        return 1
+    print("dry run: nothing submitted")
+    return 0
+
+
+def _submit(cfg: Config, plan: LaunchPlan, args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        job = submit(plan, RankJob(cfg, tuple(args.overrides)))
+    except SubmissionError as e:
+        print(f"error: {plan.kind} refused the job:\n{e}", file=sys.stderr)
+        print(f"hint: {_sbatch_hint(str(e))}", file=sys.stderr)
+        return 1
+    jobfile.record_submission(
+        cfg.train.run_dir,
+        name=cfg.name,
+        job={
+            "job_id": job.job_id,
+            "executor": plan.kind,
+            "nodes": cfg.launch.nodes,
+            "tasks_per_node": cfg.launch.tasks_per_node,
+            "folder": str(job.folder),
+            "command": shlex.join(["python", "launch/submit.py", *argv]),
+        },
+    )
+    out, err = job.rank0_logs
+    print(f"submitted {plan.kind} job {job.job_id}: {cfg.launch.world_size} ranks, run dir {cfg.train.run_dir}")
+    print(f"  rank 0 log: {out}\n  status: python launch/submit.py --status {cfg.train.run_dir}")
+    if not args.follow:
+        return 0
+    try:
+        final = status.follow((out, err), job.state)
+    except KeyboardInterrupt:
+        print(f"\n[launch] stopped following; job {job.job_id} goes on (--status {cfg.train.run_dir})")
+        return 130
+    print(f"[launch] job {job.job_id} ended: {final}")
+    return 0 if final == "COMPLETED" else 1
+
+
+def _sbatch_hint(message: str) -> str:
+    low = message.lower()
+    if "account" in low or "association" in low:  # before partition: "invalid account/partition combination"
+        return "check --account against `sacctmgr show associations user=$USER format=account,partition`"
+    if "partition" in low:
+        return "check --partition against `sinfo -s` (or leave it out for the default partition)"
+    if "qos" in low:
+        return "check --qos against `sacctmgr show associations user=$USER format=qos`"
+    return "check the #SBATCH lines with --dry-run"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_intermixed_args(argv)
+    if args.status:
+        try:
+            print(status.summarise(args.status))
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        choice = choose_executor(cfg)
+        print(f"executor: {choice.kind} ({choice.reason})")
+        plan = LaunchPlan(
+            kind=choice.kind,
+            launch=cfg.launch,
+            run_dir=Path(cfg.train.run_dir),
+            job_name=cfg.launch.job_name or cfg.name,
+            python=_python_command(cfg),
+        )
+        if args.dry_run:
+            return dry_run(cfg, plan, choice)
+        for line in run_checks(cfg, choice.kind):
+            print(f"ok: {line}")
+    except (checks.Refused, container.ContainerError) as e:
+        print(f"error: {e}\nnothing was submitted", file=sys.stderr)
+        return 1
+    return _submit(cfg, plan, args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

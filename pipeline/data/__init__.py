@@ -1,0 +1,70 @@
+"""Data: tar shards written with webdataset, streamed with exact balance, exact resume and bad-data skips.
+
+Public API (the training engine, launcher and fine-tune code call these)::
+
+    build_loader(cfg.data, rank=, world_size=, batch_size=, image_size=, seed=, pin_memory=False)
+    build_val_loader(cfg.data, rank=, world_size=, batch_size=, image_size=)
+    preflight(path, split=, ranks=, workers=, decode=) -> PreflightReport
+    read_index(path) -> DataIndex
+    MixupCutmix(cfg.data, num_classes), soft_target_cross_entropy(logits, targets)
+    write_synthetic(...), write_digits(...), write_imagefolder(...)
+
+CLI: ``python -m pipeline.data.shards write|check`` (see :mod:`pipeline.data.shards`).
+Design: :mod:`pipeline.data.loader` (streams) and :mod:`pipeline.data.plan` (the arithmetic).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from pipeline.data.errors import DataError, PreflightError
+from pipeline.data.index import DataIndex, read_index
+from pipeline.data.preflight import PreflightReport, preflight  # binds the function over the submodule's name
+
+# The rest loads on first use: the preflight CLI and the launcher run without importing torch.
+_LAZY = {
+    "COUNTER_NAMES": "loader",
+    "TrainLoader": "loader",
+    "ValLoader": "loader",
+    "build_loader": "loader",
+    "build_val_loader": "loader",
+    "MixupCutmix": "mix",
+    "one_hot": "mix",
+    "soft_target_cross_entropy": "mix",
+    "write_digits": "writer",
+    "write_imagefolder": "writer",
+    "write_synthetic": "writer",
+}
+
+if TYPE_CHECKING:
+    from pipeline.data.loader import COUNTER_NAMES, TrainLoader, ValLoader, build_loader, build_val_loader
+    from pipeline.data.mix import MixupCutmix, one_hot, soft_target_cross_entropy
+    from pipeline.data.writer import write_digits, write_imagefolder, write_synthetic
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pipeline.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipeline.data.{_LAZY[name]}"), name)
+
+
+__all__ = [
+    "COUNTER_NAMES",
+    "DataError",
+    "DataIndex",
+    "MixupCutmix",
+    "PreflightError",
+    "PreflightReport",
+    "TrainLoader",
+    "ValLoader",
+    "build_loader",
+    "build_val_loader",
+    "one_hot",
+    "preflight",
+    "read_index",
+    "soft_target_cross_entropy",
+    "write_digits",
+    "write_imagefolder",
+    "write_synthetic",
+]

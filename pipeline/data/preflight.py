@@ -1,0 +1,207 @@
+"""Preflight: is a shard directory usable by R ranks x W workers? Run before anything is queued.
+
+``preflight()`` reads the index, checks every shard file (exists, size, a tar header; sha256 with
+``checksum=True``), optionally reads and decodes every sample (``decode=True``), and checks that every
+(rank, worker) slot gets at least one batch per epoch. Problems raise :class:`PreflightError`
+naming the files and the fix. Fewer shards than slots is *not* an error here: a slot's range of
+samples may start and end mid-shard (see :mod:`pipeline.data.plan`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.data.errors import PreflightError
+from pipeline.data.index import DataIndex, SplitInfo, read_index, sha256_file
+from pipeline.data.tario import ShardReader, is_tar
+
+_REWRITE = "re-write the data set with `python -m pipeline.data.shards write --out {root} ... --overwrite`"
+
+
+@dataclass
+class PreflightReport:
+    path: str
+    split: str
+    shards: int
+    samples: int
+    class_counts: dict[str, int]  # from the index; from the data itself when decoded
+    ranks: int
+    workers: int  # DataLoader workers per rank (0: the rank's main process reads)
+    batch_size: int
+    slots: int  # ranks x max(workers, 1)
+    samples_per_slot: int
+    batches_per_slot: int  # per epoch
+    batches_per_rank: int  # per epoch, the same on every rank
+    dropped_per_epoch: int  # the tail that does not fill one batch per slot
+    checked: list[str] = field(default_factory=list)  # "files", "sha256", "decode"
+    bad_samples: dict[str, int] = field(default_factory=dict)  # by kind (decode only)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        width = max(len(c) for c in self.class_counts)
+        lines = [
+            f"{self.path} split {self.split!r}: {self.samples} samples in {self.shards} shards, "
+            f"{len(self.class_counts)} classes (checked: {', '.join(self.checked)})",
+            *(f"  {name:<{width}}  {n}" for name, n in self.class_counts.items()),
+            f"{self.ranks} ranks x {max(self.workers, 1)} workers = {self.slots} slots: {self.samples_per_slot} "
+            f"samples and {self.batches_per_slot} batches of {self.batch_size} per slot, {self.batches_per_rank} "
+            f"batches per rank per epoch, {self.dropped_per_epoch} samples dropped per epoch",
+        ]
+        if self.bad_samples:
+            lines.append("unreadable samples: " + ", ".join(f"{k}={v}" for k, v in self.bad_samples.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append("OK: every rank and worker gets data")
+        return "\n".join(lines)
+
+
+def check_geometry(
+    index: DataIndex, info: SplitInfo, *, ranks: int, workers: int, batch_size: int
+) -> tuple[int, int, int]:
+    """(slots, samples per slot, batches per slot); raises when a slot would get no whole batch."""
+    if ranks < 1 or workers < 0 or batch_size < 1:
+        raise PreflightError(
+            f"ranks must be >= 1, workers >= 0 and batch size >= 1; got {ranks}, {workers}, {batch_size}"
+        )
+    slots = ranks * max(workers, 1)
+    per_slot = info.samples // slots
+    nb = per_slot // batch_size
+    if nb == 0:
+        raise PreflightError(
+            f"{index.root}: split {info.name!r} has {info.samples} samples; {ranks} ranks x {max(workers, 1)} "
+            f"workers = {slots} slots get {per_slot} each, less than one batch of {batch_size}, so some rank "
+            f"would get no data. Use fewer data.num_workers or ranks, a smaller batch, or write more samples "
+            f"(at least {slots * batch_size})"
+        )
+    return slots, per_slot, nb
+
+
+def preflight(
+    path: str | Path,
+    *,
+    split: str = "train",
+    ranks: int = 1,
+    workers: int = 1,
+    decode: bool = False,
+    batch_size: int = 1,
+    checksum: bool = False,
+    max_skip_frac: float = 0.0,
+    progress: bool = False,
+) -> PreflightReport:
+    """Check that ``path`` can feed ``ranks`` x ``workers`` slots with batches of ``batch_size``."""
+    index = read_index(path)
+    info = index.split(split)
+    slots, per_slot, nb = check_geometry(index, info, ranks=ranks, workers=workers, batch_size=batch_size)
+    _check_files(index, info, checksum=checksum, progress=progress)
+    report = PreflightReport(
+        path=str(index.root),
+        split=split,
+        shards=len(info.shards),
+        samples=info.samples,
+        class_counts=dict(zip(index.classes, info.class_counts, strict=True)),
+        ranks=ranks,
+        workers=workers,
+        batch_size=batch_size,
+        slots=slots,
+        samples_per_slot=per_slot,
+        batches_per_slot=nb,
+        batches_per_rank=nb * max(workers, 1),
+        dropped_per_epoch=info.samples - slots * nb * batch_size,
+        checked=["files", "sha256"] if checksum else ["files"],
+    )
+    if len(info.shards) < slots:
+        report.notes.append(
+            f"{len(info.shards)} shards for {slots} slots: several slots read parts of the same shard "
+            f"(supported; more shards spread the reads)"
+        )
+    if decode:
+        _decode_all(index, info, report, max_skip_frac=max_skip_frac, progress=progress)
+    return report
+
+
+def _check_files(index: DataIndex, info: SplitInfo, *, checksum: bool, progress: bool) -> None:
+    problems = []
+    for shard in tqdm(info.shards, desc="checking shards", unit="shard", disable=not progress):
+        p = index.shard_path(shard)
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+            continue
+        size = p.stat().st_size
+        if size != shard.bytes:
+            what = "empty (0 bytes)" if size == 0 else f"{size} bytes"
+            problems.append(f"{p}: {what}, the index says {shard.bytes} bytes (truncated or replaced)")
+        elif not is_tar(p):
+            problems.append(f"{p}: not a tar archive (its first block is not a tar header)")
+        elif checksum and (digest := sha256_file(p)) != shard.sha256:
+            problems.append(f"{p}: sha256 {digest[:12]}... differs from the index's {shard.sha256[:12]}... (corrupted)")
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise PreflightError(
+            f"{len(problems)} of {len(info.shards)} shards of split {info.name!r} are unusable:\n  "
+            + "\n  ".join(problems[:10])
+            + more
+            + f"\nRestore these files or {_REWRITE.format(root=index.root)}"
+        )
+
+
+def _decode_all(
+    index: DataIndex, info: SplitInfo, report: PreflightReport, *, max_skip_frac: float, progress: bool
+) -> None:
+    """Read every sample, decode every image, recount the classes from the data."""
+    bad: Counter[str] = Counter()
+    examples: list[str] = []
+    labels: Counter[int] = Counter()
+    for shard in tqdm(info.shards, desc="decoding", unit="shard", disable=not progress):
+        reader = ShardReader(index.shard_path(shard), expected=shard.samples, num_classes=index.num_classes)
+        for i, sample in enumerate(reader.read(list(range(shard.samples)))):
+            kind = sample.bad or (None if _decodes(sample.image) else "corrupt_image")
+            if kind is None:
+                labels[sample.label] += 1
+                continue
+            bad[kind] += 1
+            if len(examples) < 5:
+                examples.append(f"{shard.name} sample #{i} {sample.key or '?'}: {kind}")
+        reader.close()
+    report.checked.append("decode")
+    report.bad_samples = dict(bad)
+    n_bad = sum(bad.values())
+    if n_bad > max_skip_frac * info.samples:
+        raise PreflightError(
+            f"{index.root}: {n_bad} of {info.samples} samples of split {info.name!r} are unreadable "
+            f"({', '.join(f'{k}={v}' for k, v in bad.items())}), more than max_skip_frac={max_skip_frac}; e.g. "
+            + "; ".join(examples)
+            + f". A cls must be an integer in [0, {index.num_classes}). Fix these shards or "
+            + _REWRITE.format(root=index.root)
+        )
+    data_counts = {name: labels[i] for i, name in enumerate(index.classes)}
+    if n_bad == 0 and data_counts != report.class_counts:
+        diff = [
+            f"{k}: index {report.class_counts[k]}, data {v}"
+            for k, v in data_counts.items()
+            if v != report.class_counts[k]
+        ]
+        raise PreflightError(
+            f"{index.root}: the labels in the shards disagree with the index ({'; '.join(diff[:5])}); "
+            + _REWRITE.format(root=index.root)
+        )
+    report.class_counts = data_counts
+
+
+def _decodes(data: bytes | None) -> bool:
+    if data is None:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception:  # PIL raises many types for bad bytes
+        return False
+    return True

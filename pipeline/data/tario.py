@@ -1,0 +1,293 @@
+"""Reading samples out of tar shards by position, tolerating damaged shards.
+
+A sample is the run of consecutive tar members that share a key (webdataset's convention:
+``<key>.jpg``, ``<key>.cls``, ``<key>.json``). :class:`ShardReader` hands out samples by their
+ordinal inside the shard; ordinals it skips are passed over by reading tar headers only (a seek
+per member, no image bytes). The header parser is a small one of our own (ustar, pax and GNU long
+names): the stdlib's ``tarfile`` costs ~3x more per member and stops silently at a bad header.
+
+Nothing here raises on bad data: a sample that cannot be used comes
+back with ``bad`` set to one of :data:`SKIP_KINDS`, so the caller can count it and keep going.
+The outcome for a given file is deterministic, which is what keeps resume exact on damaged data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import BinaryIO, Literal, NamedTuple
+
+log = logging.getLogger(__name__)
+
+SkipKind = Literal["corrupt_image", "truncated_tar", "empty_shard", "missing_cls", "unreadable_shard"]
+# corrupt_image: the image bytes do not decode (or the sample has no image member)
+# truncated_tar: the shard ends (or stops parsing) before the index's sample count
+# empty_shard: the shard file is empty or holds no sample at all
+# missing_cls: no cls member, or one that is not an integer in [0, num_classes)
+# unreadable_shard: the file is missing, unreadable, or not a tar archive
+SKIP_KINDS: tuple[SkipKind, ...] = ("corrupt_image", "truncated_tar", "empty_shard", "missing_cls", "unreadable_shard")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class RawSample(NamedTuple):
+    key: str
+    label: int  # -1 when bad
+    image: bytes | None
+    ext: str
+    bad: SkipKind | None
+    shard: str
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``dir/abc.seg.jpg`` -> (``dir/abc``, ``seg.jpg``): the key ends at the first dot of the base name."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+class TarBroken(Exception):
+    """The archive cannot be parsed from here on; the message says where and why."""
+
+
+class Member(NamedTuple):
+    name: str
+    offset: int  # of the data
+    size: int
+
+
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+class TarHeaders:
+    """Walks a tar file's headers: ``next()`` gives the next regular file member, None at the end."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.pos = 0  # of the next header
+
+    def next(self) -> Member | None:
+        pax: dict[str, str] = {}
+        long_name = ""
+        while True:
+            start = self.pos
+            self.f.seek(start)
+            block = self.f.read(512)
+            if len(block) < 512:
+                where = "inside a header" if block else "without an end-of-archive marker"
+                raise TarBroken(f"the file ends at byte {start + len(block)}, {where}")
+            if not any(block):
+                return None  # end-of-archive
+            try:
+                stored = _number(block[148:156])
+                size = _number(block[124:136])
+            except ValueError:
+                raise TarBroken(f"no tar header at byte {start}") from None
+            if stored != sum(block) - sum(block[148:156]) + 256:  # the checksum field counts as 8 spaces
+                raise TarBroken(f"bad header checksum at byte {start}")
+            kind = block[156:157]
+            size = int(pax.get("size", size))
+            self.pos = start + 512 + (size + 511) // 512 * 512
+            if kind in (b"x", b"g", b"L"):
+                data = self.f.read(size)
+                if kind == b"x":
+                    pax.update(_pax_records(data))
+                elif kind == b"L":
+                    long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+                continue
+            if kind not in (b"0", b"\0", b"7"):  # directories, links, devices: not sample members
+                pax, long_name = {}, ""
+                continue
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+            if prefix:
+                name = prefix.decode("utf-8", "replace") + "/" + name
+            return Member(pax.get("path") or long_name or name, start + 512, size)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"<len> <key>=<value>\\n"`` records of a pax extended header."""
+    out, i = {}, 0
+    while i < len(data) and data[i : i + 1] != b"\0":
+        length = int(data[i : data.index(b" ", i)])
+        key, _, value = data[data.index(b" ", i) + 1 : i + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "replace")
+        i += length
+    return out
+
+
+def is_tar(path: Path) -> bool:
+    """Does the file start with a valid tar header (or an end-of-archive block)?"""
+    try:
+        with open(path, "rb") as f:
+            TarHeaders(f).next()
+    except (TarBroken, OSError, ValueError):
+        return False
+    return True
+
+
+class ShardReader:
+    """Forward reader of one shard; ``read(ordinals)`` with increasing ordinals reads the file once."""
+
+    def __init__(self, path: Path, *, expected: int, num_classes: int) -> None:
+        self.path = path
+        self.name = path.name
+        self.expected = expected  # the index's sample count: ordinals past the data are 'truncated'
+        self.num_classes = num_classes
+        self._f: BinaryIO | None = None
+        self._headers: TarHeaders | None = None
+        self._opened = False
+        self._failed: SkipKind | None = None  # set once the rest of the file is unusable
+        self._next = 0  # ordinal of the next sample to be grouped
+        self._pending: Member | None = None  # first member of the next sample
+        self._eof = False
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f, self._headers = None, None
+
+    def read(self, ordinals: list[int]) -> list[RawSample]:
+        """Samples at the given increasing ordinals (bad ones flagged, never raised)."""
+        if ordinals and ordinals[0] < self._next:
+            self._restart()
+        out = []
+        for o in ordinals:
+            while self._next < o:
+                self._group(load=False)
+            out.append(self._group(load=True))
+        return out
+
+    def _restart(self) -> None:
+        self.close()
+        self._opened, self._failed, self._next, self._pending, self._eof = False, None, 0, None, False
+
+    def _open(self) -> None:
+        self._opened = True
+        try:
+            if os.path.getsize(self.path) == 0:
+                self._fail("empty_shard", "the file is empty")
+                return
+            self._f = open(self.path, "rb")
+            self._headers = TarHeaders(self._f)
+        except OSError as e:
+            self._fail("unreadable_shard", f"cannot open ({e.strerror or e})")
+
+    def _fail(self, kind: SkipKind, why: str) -> None:
+        if self._failed is None:
+            log.warning("shard %s: %s; the samples it still owes are skipped as %s", self.path, why, kind)
+        self._failed = kind
+        self.close()
+
+    def _next_member(self) -> Member | None:
+        if self._pending is not None:
+            member, self._pending = self._pending, None
+            return member
+        if self._eof or self._headers is None:
+            return None
+        try:
+            member = self._headers.next()
+        except (TarBroken, OSError, ValueError) as e:
+            at_start = self._headers.pos == 0
+            self._fail("unreadable_shard" if at_start else "truncated_tar", f"{'not a tar: ' if at_start else ''}{e}")
+            return None
+        if member is None:
+            self._eof = True
+        return member
+
+    def _group(self, *, load: bool) -> RawSample:
+        """Consume the next sample's members; return it (data only when ``load``)."""
+        ordinal = self._next
+        self._next += 1
+        if not self._opened:
+            self._open()
+        if self._failed is not None:
+            return RawSample("", -1, None, "", self._failed, self.name)
+        first = self._next_member()
+        if first is None:
+            return self._missing(ordinal)
+        key, _ = _split_name(first.name)
+        members: dict[str, bytes | None] = {}
+        member: Member | None = first
+        while member is not None:
+            mkey, ext = _split_name(member.name)
+            if mkey != key:
+                self._pending = member
+                break
+            wanted = load and (ext in IMAGE_EXTS or ext == "cls")
+            members[ext] = self._data(member) if wanted else None
+            if self._failed is not None:  # this sample's own bytes are cut short
+                return RawSample(key, -1, None, "", self._failed, self.name)
+            member = self._next_member()  # a failure here loses what follows, and this sample if incomplete
+        if member is None and not self._complete(members) and (self._failed or self._next < self.expected):
+            # the file ended or broke inside this sample: its members are not all there
+            return RawSample(key, -1, None, "", self._failed or "truncated_tar", self.name)
+        return self._check(key, members) if load else RawSample(key, -1, None, "", None, self.name)
+
+    def _missing(self, ordinal: int) -> RawSample:
+        if self._failed is None and ordinal < self.expected:
+            if ordinal == 0:
+                self._fail("empty_shard", "it holds no sample")
+            else:
+                self._fail("truncated_tar", f"it ends after {ordinal} of {self.expected} samples")
+        return RawSample("", -1, None, "", self._failed or "truncated_tar", self.name)
+
+    def _data(self, member: Member) -> bytes | None:
+        assert self._f is not None
+        self._f.seek(member.offset)
+        data = self._f.read(member.size)
+        if len(data) != member.size:
+            self._fail("truncated_tar", f"member {member.name} is cut short ({len(data)} of {member.size} bytes)")
+            return None
+        return data
+
+    @staticmethod
+    def _complete(members: dict[str, bytes | None]) -> bool:
+        return "cls" in members and any(e in members for e in IMAGE_EXTS)
+
+    def _check(self, key: str, members: dict[str, bytes | None]) -> RawSample:
+        ext = next((e for e in IMAGE_EXTS if e in members), "")
+        image = members.get(ext) if ext else None
+        if image is None:
+            return RawSample(key, -1, None, "", "corrupt_image", self.name)
+        label = parse_label(members.get("cls"), self.num_classes)
+        if label is None:
+            return RawSample(key, -1, None, ext, "missing_cls", self.name)
+        return RawSample(key, label, image, ext, None, self.name)
+
+
+def parse_label(raw: bytes | None, num_classes: int) -> int | None:
+    """The class index in a ``cls`` member, or None when it is absent, not an integer, or out of range."""
+    if raw is None:
+        return None
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return label if 0 <= label < num_classes else None
+
+
+class ReaderCache:
+    """A few open :class:`ShardReader` s, newest kept; a slot reads 1-2 shards at a time."""
+
+    def __init__(self, root: Path, counts: dict[str, int], num_classes: int, size: int = 4) -> None:
+        self.root, self.counts, self.num_classes, self.size = root, counts, num_classes, size
+        self._readers: dict[str, ShardReader] = {}
+
+    def get(self, name: str) -> ShardReader:
+        reader = self._readers.pop(name, None)
+        if reader is None:
+            reader = ShardReader(self.root / name, expected=self.counts[name], num_classes=self.num_classes)
+        self._readers[name] = reader  # most recent last
+        while len(self._readers) > self.size:
+            self._readers.pop(next(iter(self._readers))).close()
+        return reader
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()

@@ -1,0 +1,125 @@
+"""Decode + train/eval transforms, one sample at a time, then one normalisation per batch.
+
+Both decoders give an (H, W, 3) uint8 array, written straight into the batch's (B, H, W, 3) uint8
+tensor, which a DataLoader worker allocates in shared memory (as ``default_collate`` does) so that
+handing it over copies nothing. Workers send uint8, a quarter of float32's bytes (fresh shared
+memory is the costly part of a hand-over); the main process converts and normalises into float32
+(B, 3, H, W) in one pass, into pinned memory when asked (the caching host allocator reuses it).
+The random crop parameters are drawn up front for the whole batch from a generator seeded by the
+batch's identity, so an image looks the same on a resumed run (exact resume covers pixels too).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import get_worker_info
+
+Decoder = Literal["pil", "torchvision"]
+_TRIES = 10  # RandomResizedCrop's attempts before the centre-crop fallback (torchvision's number)
+
+
+@dataclass(frozen=True)
+class CropDraws:
+    """Uniform draws for a batch's RandomResizedCrop + flip: (B, tries) arrays and (B,) flips."""
+
+    area: np.ndarray
+    log_ratio: np.ndarray
+    top: np.ndarray
+    left: np.ndarray
+    flip: np.ndarray
+
+    @classmethod
+    def draw(
+        cls, gen: np.random.Generator, n: int, *, scale: tuple[float, float], ratio: tuple[float, float], hflip: float
+    ) -> CropDraws:
+        log_r = (math.log(ratio[0]), math.log(ratio[1]))
+        return cls(
+            area=gen.uniform(scale[0], scale[1], (n, _TRIES)),
+            log_ratio=gen.uniform(log_r[0], log_r[1], (n, _TRIES)),
+            top=gen.random((n, _TRIES)),
+            left=gen.random((n, _TRIES)),
+            flip=gen.random(n) < hflip,
+        )
+
+    def box(self, i: int, h: int, w: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of sample i's crop in an h x w image (torchvision's algorithm)."""
+        for t in range(_TRIES):
+            target = h * w * self.area[i, t]
+            aspect = math.exp(self.log_ratio[i, t])
+            cw = int(round(math.sqrt(target * aspect)))
+            ch = int(round(math.sqrt(target / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                return int(self.top[i, t] * (h - ch + 1)), int(self.left[i, t] * (w - cw + 1)), ch, cw
+        in_ratio = w / h
+        if in_ratio < min(ratio):
+            cw, ch = w, int(round(w / min(ratio)))
+        elif in_ratio > max(ratio):
+            ch, cw = h, int(round(h * max(ratio)))
+        else:
+            cw, ch = w, h
+        return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def eval_box(h: int, w: int, size: tuple[int, int], crop_pct: float) -> tuple[int, int, int, int]:
+    """Resize so the image covers size / crop_pct, centre-crop ``size``: the crop in source pixels."""
+    scale = max(size[0] / crop_pct / h, size[1] / crop_pct / w)
+    ch, cw = min(h, size[0] / scale), min(w, size[1] / scale)
+    return int(round((h - ch) / 2)), int(round((w - cw) / 2)), max(1, int(round(ch))), max(1, int(round(cw)))
+
+
+def _open_pil(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _decode_tv(data: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def crop_resize(data: bytes, box_fn, size: tuple[int, int], flip: bool, decoder: Decoder) -> np.ndarray:
+    """Decode ``data``, crop ``box_fn(h, w)``, resize to ``size`` (H, W), maybe flip: (H, W, 3) uint8."""
+    if decoder == "pil":
+        img = _open_pil(data)
+        top, left, ch, cw = box_fn(img.height, img.width)
+        img = img.resize((size[1], size[0]), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(img)
+    from torchvision.transforms.v2.functional import resized_crop
+
+    img = _decode_tv(data)
+    top, left, ch, cw = box_fn(img.shape[1], img.shape[2])
+    out = resized_crop(img, top, left, ch, cw, list(size), antialias=True)  # (3, H, W)
+    return (out.flip(-1) if flip else out).permute(1, 2, 0).numpy()
+
+
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker, in shared memory, so sending it copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+class Normalize:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), ``(x / 255 - mean) / std``, optionally pinned."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], *, pin: bool = False) -> None:
+        self.shift = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
+        self.pin = pin and torch.cuda.is_available()  # pinning needs a CUDA host allocator
+
+    def __call__(self, hwc: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = hwc.shape
+        out = torch.empty((B, 3, H, W), dtype=torch.float32, pin_memory=self.pin)
+        out.copy_(hwc.permute(0, 3, 1, 2))  # 'b h w c -> b c h w', uint8 -> float32
+        return out.sub_(self.shift).mul_(self.scale)

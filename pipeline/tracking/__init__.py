@@ -1,0 +1,76 @@
+"""Experiment tracking (MLflow). The only package of the project that imports mlflow.
+
+Writing (the training engine)::
+
+    tracker = open_tracker(cfg.tracking, run_dir=..., experiment=experiment_for(cfg),
+                           run_name=run_name_for(cfg, overrides), run_id=ckpt_run_id,
+                           params=flatten(cfg), tags=run_tags(cfg, world_size=ws), role="writer")
+    tracker.log_metrics({"train/loss": 2.3}, step)   # queue only: never waits on the server
+    tracker.close("FINISHED")
+
+Reading (``launch/compare.py``, the fine-tune stage): ``find_run``, ``run_summary``,
+``compare_rows``, ``ui_compare_url``, ``pretrain_tags``. Importing this package does not
+import mlflow; the writer and the readers do when first used.
+"""
+
+from pipeline.tracking.naming import (
+    HEADLINE_METRICS,
+    METRIC_EVAL_LOSS,
+    METRIC_IMG_PER_S,
+    METRIC_MFU,
+    METRIC_TOP1,
+    METRIC_TRAIN_LOSS,
+    default_tracking_uri,
+    experiment_for,
+    pretrain_tags,
+    read_tracking_state,
+    run_name_for,
+    run_tags,
+    ui_compare_url,
+    ui_run_url,
+    ui_runs_url,
+)
+from pipeline.tracking.read import (
+    RunSummary,
+    compare_rows,
+    experiment_runs,
+    find_run,
+    format_table,
+    list_artifacts,
+    metric_history,
+    resolve_ref,
+    run_summary,
+)
+from pipeline.tracking.server import SERVER_URL_FILE, read_server_url
+from pipeline.tracking.tracker import Tracker, open_tracker
+
+__all__ = [
+    "HEADLINE_METRICS",
+    "METRIC_EVAL_LOSS",
+    "METRIC_IMG_PER_S",
+    "METRIC_MFU",
+    "METRIC_TOP1",
+    "METRIC_TRAIN_LOSS",
+    "SERVER_URL_FILE",
+    "RunSummary",
+    "Tracker",
+    "compare_rows",
+    "default_tracking_uri",
+    "experiment_for",
+    "experiment_runs",
+    "find_run",
+    "format_table",
+    "list_artifacts",
+    "metric_history",
+    "open_tracker",
+    "pretrain_tags",
+    "read_server_url",
+    "read_tracking_state",
+    "resolve_ref",
+    "run_name_for",
+    "run_summary",
+    "run_tags",
+    "ui_compare_url",
+    "ui_run_url",
+    "ui_runs_url",
+]

@@ -1,0 +1,35 @@
+"""`python -m pipeline.train --config CONFIG [section.key=value ...]`, launched once per rank.
+
+Works under torchrun, the deepspeed launcher, `srun`, launch/submit.py, or as one local process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Train a ViT with DeepSpeed ZeRO on WebDataset shards (one process per rank).",
+        epilog="Example: torchrun --nproc_per_node 2 -m pipeline.train --config configs/smoke.yaml train.steps=50",
+    )
+    parser.add_argument("--config", help="YAML config (default: the embedded local defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.zero_stage=3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.train import run
+
+    result = run(cfg, overrides=args.overrides)
+    return 0 if result.status == "completed" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The DeepSpeed seam: the only module of the project that imports deepspeed.
+
+Everything DeepSpeed-specific sits here: the config dict derived from our typed config, engine
+creation, sharded save/load, the universal-checkpoint conversion for a changed world size, and
+offline consolidation of a sharded checkpoint into one fp32 state dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pipeline.config import BatchPlan, Config
+
+log = logging.getLogger(__name__)
+
+Device = Literal["cpu", "cuda"]
+
+
+def _deepspeed(device: Device) -> Any:
+    # DeepSpeed picks its accelerator at import time; pin it so a CPU run on a GPU host stays CPU.
+    os.environ.setdefault("DS_ACCELERATOR", device)
+    import deepspeed
+
+    return deepspeed
+
+
+def init_distributed(device: Device, timeout_s: float = 1800.0) -> None:
+    """Join the process group (gloo on CPU, NCCL on GPU) from the exported torchrun variables."""
+    ds = _deepspeed(device)
+    if not torch.distributed.is_initialized():
+        ds.init_distributed(
+            dist_backend="nccl" if device == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+
+
+def ds_config(cfg: Config, plan: BatchPlan, device: Device, *, load_universal: bool = False) -> dict:
+    """DeepSpeed's config dict, derived from our typed config (never written by hand)."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if t.zero_stage >= 2:
+        zero["overlap_comm"] = device == "cuda"
+    o = cfg.optim
+    adam: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if device == "cpu" and not t.offload_optimizer:
+        adam["torch_adam"] = True  # FusedAdam is GPU-only
+    return {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch_size,
+        # plain stage-0 fp32 clips in guard_nonfinite_grads, where a non-finite step is also skipped
+        "gradient_clipping": 0.0 if _plain_fp32(cfg) else o.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict, device: Device) -> Any:
+    ds = _deepspeed(device)
+    engine, *_ = ds.initialize(model=model, model_parameters=param_groups, config=config)
+    return engine
+
+
+def param_groups_of(engine: Any) -> list[dict]:
+    """The optimizer's parameter groups (ours, carried through ZeRO's wrappers)."""
+    return engine.optimizer.param_groups
+
+
+def grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = getattr(engine, "pipeline_grad_norm", None)  # plain stage 0: measured by guard_nonfinite_grads
+    return None if norm is None else float(norm)
+
+
+def _plain_fp32(cfg: Config) -> bool:
+    return cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
+
+
+def guard_nonfinite_grads(engine: Any, max_norm: float) -> bool:
+    """Plain stage-0 fp32 only: clip, or drop non-finite gradients; True if it dropped them.
+
+    ZeRO stages 1-3 and bf16/fp16 skip a step whose gradient norm is not finite themselves; plain
+    stage 0 in fp32 would apply it (and DeepSpeed's own clipping there fails on None gradients).
+    So there we clip ourselves (DeepSpeed's clipping is off, see ds_config) and set non-finite
+    gradients to None, which makes AdamW leave those weights and moments alone: a true skip.
+    """
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return False
+    if not engine.is_gradient_accumulation_boundary():
+        return False
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    engine.pipeline_grad_norm = float(norm)
+    if torch.isfinite(norm):
+        return False
+    for p in params:
+        p.grad = None
+    return True
+
+
+def step_applied(engine: Any) -> bool:
+    return bool(engine.was_step_applied())
+
+
+def save(engine: Any, ckpt_dir: Path, tag: str) -> None:
+    """Collective: every rank writes its shards. ``latest`` is ours (written after the commit)."""
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+
+
+def load(engine: Any, ckpt_dir: Path, tag: str) -> None:
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    if path is None:
+        # DeepSpeed only warns here; a silent fresh start is exactly what we must never do.
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """Convert a sharded checkpoint to DeepSpeed's universal format (world-size independent).
+
+    Run on one rank; the others wait at a barrier. The conversion is cached next to the source.
+    """
+    out = tag_dir.with_name(tag_dir.name + "_universal")
+    done = out / ".converted"
+    if done.exists():
+        return out
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(tag_dir),
+        "--output_folder",
+        str(out),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
+    log.info("converting %s to a universal checkpoint for a new world size", tag_dir)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    done.touch()
+    return out
+
+
+def gathered_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """Collective: the live module weights, full, in fp32, on rank 0 (None elsewhere).
+
+    Under ZeRO-3 the partitions are gathered; under bf16 these are the bf16 module weights (the
+    fp32 master copy lives in the optimizer: use a checkpoint export for that).
+    """
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+    if sd is None:
+        return None
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+
+
+def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a sharded checkpoint, on one process, without an engine."""
+    if zero_stage == 0:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k: v.float().contiguous() for k, v in sd.items()}

@@ -1,0 +1,267 @@
+"""The training loop, top to bottom: set up, resume, step, log, evaluate, checkpoint, finish.
+
+Every rank runs this same code (STYLE: one loop you read top to bottom). The collective calls
+(DeepSpeed steps, saves, all-reduces) are made by all ranks in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config
+from pipeline.data import soft_target_cross_entropy
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import engine as ds
+from pipeline.train import preemption
+from pipeline.train.dist_env import detect
+from pipeline.train.metrics import Window, mfu
+from pipeline.train.recipe import set_lr
+from pipeline.train.setup import Run, build_run, finish_run, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+# Test hook: optimizer step numbers (1-based, as logged) whose loss is made NaN on rank 0.
+NONFINITE_ENV = "PIPELINE_INJECT_NONFINITE"
+
+
+class NonFiniteError(RuntimeError):
+    """Training keeps producing non-finite losses/gradients even after a rollback."""
+
+
+@dataclass
+class TrainResult:
+    status: Literal["completed", "preempted"]
+    step: int
+    samples_seen: int
+    run_id: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """Loop counters that are not part of the checkpointed state."""
+
+    consecutive_skips: int = 0
+    first_skip_step: int = 0
+    rollbacks: int = 0
+    last_saved_step: int = -1
+    window: Window = field(default_factory=Window)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
+    """Train according to ``cfg`` on this rank; resume from ``cfg.train.run_dir`` if it has checkpoints."""
+    env = detect()
+    r = build_run(cfg, env, list(overrides))
+    preemption.install()
+    status: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"
+    try:
+        result = _train(r)
+        status = "FINISHED" if result.status == "completed" else "KILLED"
+        return result
+    finally:
+        preemption.uninstall()
+        finish_run(r, status)
+
+
+def _train(r: Run) -> TrainResult:
+    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1)
+    data = iter(r.train_loader)
+    total = r.schedule.total_samples
+    log.info(
+        "training %s: step %d, %d/%d samples, global batch %d = %d x %d x %d ranks",
+        r.cfg.name, r.state["step"], r.state["samples_seen"], total, r.plan.global_batch_size,
+        r.plan.micro_batch_size, r.plan.grad_accum, r.env.world_size,
+    )  # fmt: skip
+    if r.state["samples_seen"] >= total:
+        log.info("this run is already complete (%d samples); nothing to train", total)
+    while r.state["samples_seen"] < total:
+        set_lr(ds.param_groups_of(r.engine), r.schedule.lr(r.state["samples_seen"]))
+        loss, skipped, preempt, wait = _step(r, data)
+        r.state["step"] += 1
+        r.state["samples_seen"] += r.plan.global_batch_size
+        p.window.add(images=r.plan.global_batch_size, data_wait=wait, loss=None if skipped else loss)
+        if skipped and _on_skipped(r, p):
+            p.window.reset()
+            continue  # rolled back: the step counter is the checkpoint's again
+        if not skipped:
+            p.consecutive_skips = 0
+        if r.state["step"] % r.cfg.train.log_every == 0:
+            _log_step(r, p)
+        if r.cfg.train.eval_every and r.state["step"] % r.cfg.train.eval_every == 0:
+            _evaluate(r, p)
+        if preempt:
+            _save(r, p)
+            log.warning("saved step %d on the pre-timeout signal; stopping for requeue", r.state["step"])
+            return _result(r, p, "preempted")
+        every = r.cfg.checkpoint.every_steps
+        if every and r.state["step"] % every == 0:
+            _save(r, p)
+    if not r.cfg.train.eval_every or r.state["step"] % r.cfg.train.eval_every:
+        _evaluate(r, p)
+    if p.last_saved_step != r.state["step"]:
+        _save(r, p)
+    return _result(r, p, "completed")
+
+
+def _result(r: Run, p: Progress, status: Literal["completed", "preempted"]) -> TrainResult:
+    return TrainResult(status, r.state["step"], r.state["samples_seen"], r.tracker.run_id, dict(p.last_metrics))
+
+
+def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
+    """One optimizer step (grad_accum micro batches). Returns loss, skipped, preempt, data wait."""
+    engine, wait = r.engine, 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    inject = _inject_nonfinite(r)
+    for _ in range(r.plan.grad_accum):
+        t0 = time.perf_counter()
+        images, labels = next(data)
+        wait += time.perf_counter() - t0
+        images = images.to(r.device, r.dtype, non_blocking=True)
+        labels = labels.to(r.device, non_blocking=True)
+        images, targets = r.mix(images, labels)
+        loss = soft_target_cross_entropy(engine(images).float(), targets)
+        if inject:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        guarded = ds.guard_nonfinite_grads(engine, r.cfg.optim.grad_clip)  # plain stage 0 only
+        engine.step()
+        loss_sum += loss.detach().double().cpu()
+    # One small all-reduce per step: loss, skip flag, preemption flag (the ranks agree on both).
+    applied = ds.step_applied(engine) and not guarded
+    flags = torch.tensor(
+        [float(loss_sum) if torch.isfinite(loss_sum) else 0.0, float(not torch.isfinite(loss_sum) or not applied),
+         float(preemption.requested())],
+        dtype=torch.float64,
+    )  # fmt: skip
+    dist.all_reduce(flags)
+    loss = float(flags[0]) / (r.env.world_size * r.plan.grad_accum)
+    return loss, bool(flags[1] > 0), bool(flags[2] > 0), wait
+
+
+def _inject_nonfinite(r: Run) -> bool:
+    raw = os.environ.get(NONFINITE_ENV, "")
+    steps = {int(s) for s in raw.split(",") if s.strip().isdigit()}
+    return r.env.rank == 0 and (r.state["step"] + 1) in steps
+
+
+def _on_skipped(r: Run, p: Progress) -> bool:
+    """Count a skipped step; after K in a row, roll back once (True), then stop with the step range."""
+    r.state["skipped_steps"] += 1
+    if p.consecutive_skips == 0:
+        p.first_skip_step = r.state["step"]
+    p.consecutive_skips += 1
+    log.warning(
+        "step %d: non-finite loss or gradient, update skipped (%d in a row)", r.state["step"], p.consecutive_skips
+    )
+    if p.consecutive_skips < r.cfg.train.max_nonfinite_steps:
+        return False
+    span = f"steps {p.first_skip_step}-{r.state['step']}"
+    if p.rollbacks:
+        raise NonFiniteError(
+            f"non-finite loss/gradients again at {span} after rolling back once; lower optim.lr, raise "
+            f"optim.warmup_steps, or switch train.precision (now {r.cfg.train.precision})"
+        )
+    info = ckpt.inspect_run_dir(r.run_dir)
+    if info is None:
+        raise NonFiniteError(f"non-finite loss/gradients at {span} and no checkpoint to roll back to")
+    log.warning("%s non-finite: rolling back to %s and skipping that data window", span, info.tag)
+    ds.load(r.engine, ckpt.checkpoints_dir(r.run_dir), info.tag)
+    saved = ckpt.read_state(info.path)
+    for key in ("step", "samples_seen", "skipped_steps"):
+        r.state[key] = saved[key]
+    r.state["skipped_steps"] += p.consecutive_skips  # the skipped steps still happened
+    p.rollbacks += 1
+    p.consecutive_skips = 0
+    return True
+
+
+def _log_step(r: Run, p: Progress) -> None:
+    w = p.window.summary()
+    counters = _sum_counters(r.train_loader.counters())
+    lr = r.schedule.lr(r.state["samples_seen"])
+    per_device = w["img_per_s"] / r.env.world_size
+    metrics = {
+        "train/loss": w["loss"],
+        "train/lr": lr,
+        "train/img_per_s": w["img_per_s"],
+        "train/samples_seen": float(r.state["samples_seen"]),
+        "train/skipped_steps": float(r.state["skipped_steps"]),
+        "train/epoch": float(r.train_loader.epoch),
+        "data/wait_frac": w["wait_frac"],
+        **{k: float(v) for k, v in counters.items()},
+    }
+    norm = ds.grad_norm(r.engine)
+    if norm is not None:
+        metrics["train/grad_norm"] = norm
+    util = mfu(per_device, r.macs, r.peak_tflops)
+    if util is not None:
+        metrics["train/mfu"] = util
+    _record(r, p, metrics)
+    remaining = (r.schedule.total_samples - r.state["samples_seen"]) / max(w["img_per_s"], 1e-9)
+    log.info(
+        "step %d/%d | loss %.4f | lr %.2e | %.1f img/s | data %.0f%% | eta %s",
+        r.state["step"], r.total_steps, w["loss"], lr, w["img_per_s"], 100 * w["wait_frac"], _hms(remaining),
+    )  # fmt: skip
+    p.window.reset()
+
+
+def _record(r: Run, p: Progress, metrics: dict[str, float]) -> None:
+    """To MLflow, and to <run_dir>/metrics.jsonl: a plain record that needs no server to read."""
+    r.tracker.log_metrics(metrics, step=r.state["step"])
+    p.last_metrics.update(metrics)
+    if r.env.rank == 0:
+        with open(r.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps({"step": r.state["step"], "time": time.time(), **metrics}) + "\n")
+
+
+def _sum_counters(counters: dict[str, int]) -> dict[str, int]:
+    """Data counters summed over ranks (each rank reads its own shards)."""
+    keys = sorted(counters)
+    t = torch.tensor([counters[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@torch.no_grad()
+def _evaluate(r: Run, p: Progress) -> None:
+    """Top-1/top-5 over the whole val split; every rank runs the same number of batches."""
+    if r.val_loader is None:
+        return
+    r.engine.eval()
+    counts = torch.zeros(3, dtype=torch.float64)  # top1 hits, top5 hits, samples
+    for images, labels in r.val_loader:
+        logits = r.engine(images.to(r.device, r.dtype)).float().cpu()
+        valid = labels >= 0  # padding entries (label -1) keep the ranks' batch counts equal
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hit = top == labels.unsqueeze(-1)
+        counts += torch.tensor(
+            [hit[:, 0][valid].sum().item(), hit.any(-1)[valid].sum().item(), valid.sum().item()], dtype=torch.float64
+        )
+    r.engine.train()
+    dist.all_reduce(counts)
+    top1, top5 = (counts[:2] / counts[2].clamp(min=1)).tolist()
+    _record(r, p, {"eval/top1": top1, "eval/top5": top5})
+    log.info("eval at step %d: top-1 %.4f, top-5 %.4f on %d images", r.state["step"], top1, top5, int(counts[2]))
+    if r.on_eval is not None:
+        r.on_eval(r, top1)
+
+
+def _save(r: Run, p: Progress) -> None:
+    save_checkpoint(r)
+    p.last_saved_step = r.state["step"]

@@ -1,0 +1,362 @@
+"""Everything around the loop: build a run (fresh or resumed), save checkpoints, finish.
+
+A resumed run is rebuilt from the newest complete checkpoint of ``train.run_dir``: weights and
+optimizer (DeepSpeed), step and samples seen, the data position (exact resume), every rank's RNG
+states and the MLflow run id. A checkpoint written at another world size is converted to
+DeepSpeed's universal format first (ZeRO 1-3); see the README for what is exact then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import BatchPlan, Config, config_to_dict, flatten, save_config
+from pipeline.data import MixupCutmix, build_loader, build_val_loader
+from pipeline.logs import setup_logging
+from pipeline.model import ViT, forward_macs
+from pipeline.tracking import experiment_for, open_tracker, pretrain_tags, run_name_for, run_tags
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import engine as ds
+from pipeline.train.checkpoint import CheckpointError, ResumeInfo
+from pipeline.train.dist_env import DistEnv
+from pipeline.train.metrics import device_peak_tflops
+from pipeline.train.recipe import Schedule, make_schedule, param_groups
+
+log = logging.getLogger(__name__)
+
+# Test hook, "SECONDS@STEP": the last rank sleeps that long between writing its shards of the
+# step-STEP checkpoint and the commit barrier, so a test can kill the job mid-checkpoint.
+SAVE_PAUSE_ENV = "PIPELINE_TEST_SAVE_PAUSE"
+
+
+@dataclass
+class Run:
+    cfg: Config
+    env: DistEnv
+    device: ds.Device
+    dtype: torch.dtype
+    plan: BatchPlan
+    run_dir: Path
+    engine: Any
+    train_loader: Any
+    val_loader: Any
+    tracker: Any
+    mix: Any
+    schedule: Schedule
+    state: dict  # checkpointed progress: step, samples_seen, skipped_steps, run_id, ...
+    resumed: bool
+    macs: int
+    peak_tflops: float | None
+    on_eval: Callable[[Run, float], None] | None = None
+
+    @property
+    def total_steps(self) -> int:
+        left = max(0, self.schedule.total_samples - self.state["samples_seen"])
+        return self.state["step"] + -(-left // self.plan.global_batch_size)
+
+
+def _device(choice: str) -> ds.Device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
+        return "cuda"
+    return "cpu"
+
+
+def _dtype(precision: str, device: ds.Device) -> torch.dtype:
+    if precision == "fp16" and device == "cpu":
+        raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
+    device = _device(cfg.train.device)
+    dtype = _dtype(cfg.train.precision, device)
+    env.export()
+    setup_logging(env.rank)
+    if device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    else:
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
+    ds.init_distributed(device)
+    plan = cfg.batch_plan(env.world_size)
+    run_dir = Path(cfg.train.run_dir).absolute()
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    info = _resume_info(cfg, env, run_dir)
+    _seed_all(cfg.train.seed)  # identical initial weights on every rank
+    model, init_report = _build_model(cfg, fresh=info is None)
+    groups = param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.finetune.layer_decay)
+    universal = info is not None and info.world_size != env.world_size and info.zero_stage > 0
+    load_tag = _prepare_universal(info, env) if universal else (info.tag if info else None)
+    engine = ds.initialize(model, groups, ds.ds_config(cfg, plan, device, load_universal=universal), device)
+    if info is not None:
+        ds.load(engine, ckpt.checkpoints_dir(run_dir), load_tag)
+        if universal:
+            _verify_universal(engine, info, env, cfg.train.precision)
+        state = ckpt.read_state(info.path)
+        _restore_rng(info, env, cfg.train.seed, state["step"])
+        schedule = Schedule(**state["schedule"])
+        log.info("resumed from %s (step %d, %d samples seen)", info.path, state["step"], state["samples_seen"])
+    else:
+        schedule = make_schedule(cfg.optim, steps=cfg.train.steps, global_batch_size=plan.global_batch_size)
+        state = {"step": 0, "samples_seen": 0, "skipped_steps": 0, "schedule": schedule.to_dict(), "run_id": None}
+        _seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams for dropout/mixup
+    train_loader, val_loader = _loaders(cfg, env, plan, device)
+    if info is not None:
+        train_loader.load_state_dict(state["loader"])
+    tracker = _tracker(cfg, env, run_dir, state, overrides, info, init_report)
+    state["run_id"] = tracker.run_id
+    if env.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+        tracker.log_artifact(run_dir / "config.yaml")
+    run = Run(
+        cfg=cfg, env=env, device=device, dtype=dtype, plan=plan, run_dir=run_dir, engine=engine,
+        train_loader=train_loader, val_loader=val_loader, tracker=tracker,
+        mix=MixupCutmix(cfg.data, cfg.model.num_classes), schedule=schedule, state=state, resumed=info is not None,
+        macs=forward_macs(model), peak_tflops=device_peak_tflops(cfg.train.peak_tflops, device),
+    )  # fmt: skip
+    if cfg.finetune.enabled and cfg.finetune.export_best:
+        run.on_eval = _export_best
+    return run
+
+
+def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
+    """The checkpoint to resume from, after checking it fits this config (before any step)."""
+    info = ckpt.inspect_run_dir(run_dir)
+    if info is None:
+        if cfg.checkpoint.resume == "require":
+            raise CheckpointError(
+                f"checkpoint.resume=require but {run_dir} has no checkpoints; point train.run_dir at the run to resume"
+            )
+        return None
+    saved = info.marker.get("model", {})
+    current = config_to_dict(cfg.model)
+    diff = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
+        for k in _ARCH_KEYS
+        if saved.get(k) != current[k]
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{info.path} was written for another model: {'; '.join(diff)}. Use the original model config, "
+            f"or a new train.run_dir (fine-tuning from it: finetune.init_from={run_dir})"
+        )
+    if info.zero_stage != cfg.train.zero_stage:
+        raise CheckpointError(
+            f"{info.path} was written with ZeRO stage {info.zero_stage}; set train.zero_stage={info.zero_stage} "
+            f"to resume it (changing the stage mid-run is not supported)"
+        )
+    if info.world_size != env.world_size:
+        log.warning(
+            "%s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
+            info.tag, info.world_size, env.world_size,
+        )  # fmt: skip
+    return info
+
+
+# Keys that change the parameter shapes or the computed function; others (dropout, drop path,
+# checkpointing) may differ between a run and its resume.
+_ARCH_KEYS = ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim", "pool", "channels",
+              "dim_head", "qkv_bias", "layer_norm_eps", "patch_norm", "norm_before_pool", "class_token")  # fmt: skip
+
+
+def _prepare_universal(info: ResumeInfo, env: DistEnv) -> str:
+    out = info.path.with_name(info.tag + "_universal")
+    if env.rank == 0:
+        out = ds.to_universal(info.path)
+    dist.barrier()
+    return out.name
+
+
+def _verify_universal(engine: Any, info: ResumeInfo, env: DistEnv, precision: str) -> None:
+    """Check the converted load reproduced the saved weights before training on them.
+
+    The universal conversion is the one place where shards are re-cut; a mistake there would
+    train on scrambled weights without any error, so compare against the offline consolidation.
+    """
+    live = ds.gathered_state_dict(engine)  # collective
+    worst = torch.zeros((), dtype=torch.float64)
+    if env.rank == 0:
+        saved = ds.consolidated_state_dict(info.path, info.zero_stage)
+        for name, w in live.items():
+            ref = saved[name] if precision == "fp32" else saved[name].to(torch.bfloat16).float()
+            worst = torch.maximum(worst, (w - ref).abs().max().double())
+    dist.broadcast(worst, src=0)
+    tol = 1e-6 if precision == "fp32" else 1e-2
+    log.info("universal resume verified: max |w - saved| = %.3g over the model's tensors", worst.item())
+    if worst.item() > tol:
+        raise CheckpointError(
+            f"resuming {info.path} at world size {env.world_size} (saved at {info.world_size}) changed the weights "
+            f"by up to {worst.item():.3g} (> {tol}); resume with {info.world_size} ranks, or report this DeepSpeed "
+            f"universal-checkpoint problem"
+        )
+
+
+def _build_model(cfg: Config, *, fresh: bool) -> tuple[ViT, Any]:
+    """The model; for a fresh fine-tune run, initialised from the pretrained backbone."""
+    model = ViT(**cfg.model.vit_kwargs())
+    report = None
+    if cfg.finetune.enabled and fresh:
+        from pipeline.finetune import init_from_pretrained
+
+        report = init_from_pretrained(model, cfg)
+    elif cfg.finetune.enabled:
+        from pipeline.finetune import freeze
+
+        freeze(model, cfg.finetune.freeze, cfg.finetune.freeze_blocks)  # same groups as the saved optimizer
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model, report
+
+
+def _export_best(r: Run, top1: float) -> None:
+    """Fine-tuning: keep the weights of the best evaluation so far under <run_dir>/export/best."""
+    if top1 <= r.state.get("best_top1", -1.0):
+        return
+    r.state["best_top1"] = top1
+    state = ds.gathered_state_dict(r.engine)  # collective under ZeRO-3
+    if r.env.rank == 0:
+        from pipeline.train.export import write_export
+
+        out = write_export(
+            state, config_to_dict(r.cfg.model), r.run_dir / "export" / "best", step=r.state["step"],
+            source=f"best eval/top1={top1:.4f}", run_id=r.tracker.run_id,
+        )  # fmt: skip
+        log.info("new best eval/top1 %.4f at step %d: exported to %s", top1, r.state["step"], out)
+        r.tracker.set_tags({"best_top1": f"{top1:.4f}", "best_step": str(r.state["step"])})
+
+
+def _loaders(cfg: Config, env: DistEnv, plan: BatchPlan, device: ds.Device) -> tuple[Any, Any]:
+    size = cfg.model.image_size
+    image_size = tuple(size) if isinstance(size, tuple) else (size, size)
+    train = build_loader(
+        cfg.data, rank=env.rank, world_size=env.world_size, batch_size=plan.micro_batch_size,
+        image_size=image_size, seed=cfg.train.seed, pin_memory=device == "cuda",
+    )  # fmt: skip
+    val = build_val_loader(
+        cfg.data, rank=env.rank, world_size=env.world_size,
+        batch_size=cfg.data.val_batch_size or plan.micro_batch_size, image_size=image_size,
+    )  # fmt: skip
+    return train, val
+
+
+def _rng_path(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rng_rank{rank}.pt"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(info: ResumeInfo, env: DistEnv, seed: int, step: int) -> None:
+    path = _rng_path(info.path, env.rank)
+    if info.world_size != env.world_size or not path.exists():
+        # Another world size: rank r's stream has no counterpart; derive a fresh, reproducible one.
+        _seed_all(seed + 1000 * env.rank + step)
+        return
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tracker(
+    cfg: Config, env: DistEnv, run_dir: Path, state: dict, overrides: list[str], info: Any, init_report: Any
+) -> Any:
+    role = "writer" if env.rank == 0 else ("node" if env.local_rank == 0 else "none")
+    first_role = role if role == "writer" else "none"
+    tags = run_tags(cfg, world_size=env.world_size)
+    tags["nodes"] = str(env.num_nodes)
+    if info is not None:
+        tags["resumed_from_step"] = str(info.step)
+    if init_report is not None:
+        from pipeline.finetune import report_tags
+
+        tags.update(pretrain_tags(cfg.finetune.init_from))
+        tags.update(report_tags(init_report))
+    kwargs = dict(experiment=experiment_for(cfg), run_name=run_name_for(cfg, overrides), params=flatten(cfg), tags=tags)
+    # The writer creates (or resumes) the run first; the other nodes' system-metrics trackers then
+    # attach to that run id instead of waiting for tracking.json on a shared filesystem.
+    tracker = open_tracker(cfg.tracking, run_dir=run_dir, run_id=state.get("run_id"), role=first_role, **kwargs)
+    run_id = [tracker.run_id if env.rank == 0 else None]
+    dist.broadcast_object_list(run_id, src=0)
+    if role == "node":
+        tracker = open_tracker(cfg.tracking, run_dir=run_dir, run_id=run_id[0], role="node", **kwargs)
+    return tracker
+
+
+def save_checkpoint(r: Run) -> Path:
+    """Collective save; the checkpoint counts only once COMMITTED is on disk (see checkpoint.py)."""
+    ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
+    tag = ckpt.tag_for(r.state["step"])
+    tag_dir = ckpt_dir / tag
+    if r.env.rank == 0 and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # a partial left by a killed job at this same step
+    dist.barrier()
+    t0 = time.perf_counter()
+    ds.save(r.engine, ckpt_dir, tag)
+    torch.save(_rng_state(), _rng_path(tag_dir, r.env.rank))
+    if r.env.rank == 0:
+        state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
+        ckpt.write_state(tag_dir, state)
+    ckpt.fsync_tree(tag_dir)
+    seconds, _, at_step = os.environ.get(SAVE_PAUSE_ENV, "").partition("@")
+    if seconds and int(at_step or -1) == r.state["step"] and r.env.rank == r.env.world_size - 1:
+        time.sleep(float(seconds))
+    dist.barrier()  # every rank's files are on disk
+    if r.env.rank == 0:
+        ckpt.commit(tag_dir, _marker(r))
+        ckpt.prune(ckpt_dir, r.cfg.checkpoint.keep_last)
+    dist.barrier()
+    log.info("checkpoint %s committed in %.1f s", tag_dir, time.perf_counter() - t0)
+    return tag_dir
+
+
+def _marker(r: Run) -> dict:
+    return {
+        "step": r.state["step"],
+        "samples_seen": r.state["samples_seen"],
+        "world_size": r.env.world_size,
+        "zero_stage": r.cfg.train.zero_stage,
+        "precision": r.cfg.train.precision,
+        "model": config_to_dict(r.cfg.model),
+    }
+
+
+def finish_run(r: Run, status: str) -> None:
+    """Export the final weights (completed runs) and close the tracker; always leaves the group."""
+    try:
+        if status == "FINISHED" and r.cfg.checkpoint.export_final:
+            from pipeline.train.export import export_checkpoint
+
+            if r.env.rank == 0:
+                out = export_checkpoint(ckpt.inspect_run_dir(r.run_dir), r.run_dir / "export", r.tracker.run_id)
+                r.tracker.log_artifact(out / "model.json", "export")
+            dist.barrier()
+    finally:
+        r.tracker.close(status)
+        if dist.is_initialized():
+            dist.destroy_process_group()

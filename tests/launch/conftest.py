@@ -1,0 +1,64 @@
+"""Helpers for the launcher tests: run the real `launch/submit.py` as users do."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SUBMIT = REPO / "launch" / "submit.py"
+
+
+def run_launcher(
+    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """`python launch/submit.py ARGS` from the repo root; ``env`` replaces the whole environment if given."""
+    return subprocess.run(
+        [sys.executable, str(SUBMIT), *args],
+        cwd=REPO,
+        env=os.environ.copy() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def smoke_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """configs/smoke.yaml on 2 nodes x 1 CPU rank, on the session's synthetic shards (4 classes)."""
+    return [
+        "--config", "configs/smoke.yaml", "--nodes", "2", "--run-dir", str(run_dir),
+        f"data.path={data}", "model.num_classes=4", "launch.ranks_per_node=1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def no_slurm_env(tmp_path: Path) -> dict[str, str]:
+    """This environment on a machine whose SLURM does not answer: sbatch may exist, sinfo fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env["SLURM_CONF"] = str(tmp_path / "no-such-slurm.conf")
+    return env
+
+
+@pytest.fixture
+def no_sbatch_env(no_slurm_env: dict[str, str]) -> dict[str, str]:
+    """A login node without SLURM's tools: PATH holds only this Python."""
+    return {**no_slurm_env, "PATH": str(Path(sys.executable).parent)}
+
+
+def rank_results(run_dir: Path, job_id: str, ranks: int) -> list:
+    """Each rank's (outcome, TrainResult) as submitit pickled it at the end of the job."""
+    folder = run_dir / "submitit" / job_id
+    return [pickle.loads((folder / f"{job_id}_{r}_result.pkl").read_bytes()) for r in range(ranks)]
+
+
+def submitted_job_id(stdout: str) -> str:
+    """The job id from the launcher's "submitted <kind> job <id>: ..." line."""
+    match = re.search(r"^submitted (?:slurm|local) job (\S+):", stdout, re.MULTILINE)
+    assert match, stdout
+    return match.group(1)

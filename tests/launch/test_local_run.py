@@ -1,0 +1,44 @@
+"""The local executor: the same smoke run as on SLURM, as 2 CPU processes on this machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import find_run
+from pipeline.train.checkpoint import inspect_run_dir
+from tests.launch.conftest import rank_results, run_launcher, smoke_args, submitted_job_id
+
+
+@pytest.mark.timeout(240)
+def test_without_slurm_the_smoke_run_completes_locally(tmp_path: Path, synthetic_shards: Path, no_slurm_env) -> None:
+    run_dir = tmp_path / "smoke"
+    out = run_launcher([*smoke_args(synthetic_shards, run_dir), "--follow"], env=no_slurm_env, timeout=230)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # No --local: the launcher found no answering SLURM and said so.
+    assert "executor: local (no SLURM cluster here (sinfo " in out.stdout  # failed, or did not answer
+    job_id = submitted_job_id(out.stdout)
+    assert f"[launch] job {job_id} ended: COMPLETED" in out.stdout
+
+    # Both ranks trained every step; one sharded checkpoint written by 2 ranks.
+    results = rank_results(run_dir, job_id, ranks=2)
+    assert [(outcome, r.status, r.step) for outcome, r in results] == [("success", "completed", 30)] * 2
+    info = inspect_run_dir(run_dir)
+    assert info is not None and (info.step, info.world_size) == (30, 2)
+    assert results[0][1].metrics["train/loss"] < 1.3  # 4 classes: ln 4 = 1.39 at chance
+
+    run = find_run(run_dir)  # the MLflow run the engine opened, via the run dir's tracking.json
+    assert run.status == "FINISHED" and run.run_id == results[0][1].run_id
+    assert run.tags["world_size"] == "2"
+
+    job = json.loads((run_dir / "job.json").read_text())
+    assert [j["job_id"] for j in job["jobs"]] == [job_id] and job["requeues"] == 0
+    assert [(a["restart"], a["result"], a["step"]) for a in job["attempts"]] == [(0, "completed", 30)]
+
+    status = run_launcher(["--status", str(run_dir)], env=no_slurm_env)
+    assert status.returncode == 0
+    assert f"job {job_id} (local, 2 node(s) x 1 tasks): COMPLETED" in status.stdout
+    assert "last checkpoint: step 30 (step_00000030, saved by 2 ranks)" in status.stdout
+    assert f"MLflow run id: {run.run_id}" in status.stdout

@@ -1,0 +1,95 @@
+"""The --dry-run memory plan: parameter counts, ZeRO's per-GPU bytes, activation bytes.
+
+Counts are checked against the real model (its parameters, and the tensors autograd saves for
+backward), not against a second copy of the formulas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from launch.memory_plan import activation_bytes, count_params, format_plan, memory_plan, model_state_bytes
+from pipeline.config import load_config
+from pipeline.model import ViT
+
+VARIANTS = [
+    [],  # the embedded default: a tiny ViT
+    ["model.preset=B/16", "model.image_size=224", "model.num_classes=1000"],
+    ["model.heads=1", "model.dim_head=64", "model.qkv_bias=true"],  # one head as wide as the model: no projection
+    ["model.patch_norm=true", "model.class_token=false", "model.pool=mean", "model.image_size=[32,16]"],
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_parameter_count_matches_the_model(overrides: list[str]) -> None:
+    cfg = load_config(None, overrides)
+    assert count_params(cfg.model) == sum(p.numel() for p in ViT(**cfg.model.vit_kwargs()).parameters())
+
+
+def test_b16_has_the_published_parameter_count() -> None:
+    cfg = load_config(None, VARIANTS[1])
+    assert count_params(cfg.model) == 86_567_656  # timm vit_base_patch16_224
+
+
+def test_zero_stage_bytes_follow_the_paper() -> None:
+    n = 1_000_000
+    mixed = [model_state_bytes(n, stage=s, world_size=4, precision="bf16", offload_optimizer=False,
+                               offload_params=False) for s in range(4)]  # fmt: skip
+    # (params, grads, optimizer) bytes: 2+2+12 per parameter, partitioned over 4 ranks stage by stage
+    assert [(b.params, b.grads, b.optimizer) for b in mixed] == [
+        (2 * n, 2 * n, 12 * n), (2 * n, 2 * n, 3 * n), (2 * n, n // 2, 3 * n), (n // 2, n // 2, 3 * n),
+    ]  # fmt: skip
+    fp32 = model_state_bytes(n, stage=0, world_size=4, precision="fp32", offload_optimizer=False, offload_params=False)
+    assert fp32.gpu_total == 16 * n
+    off = model_state_bytes(n, stage=3, world_size=4, precision="bf16", offload_optimizer=True, offload_params=True)
+    assert (off.params, off.grads, off.optimizer, off.cpu) == (0, n // 2, 0, 3 * n + n // 2)
+
+
+def _saved_bytes(cfg, batch: int, *, checkpointing: bool) -> int:
+    """Bytes of the tensors autograd keeps for backward after one forward (parameters excluded)."""
+    torch.manual_seed(0)
+    model = ViT(**cfg.model.vit_kwargs()).train()
+    model.set_grad_checkpointing(checkpointing)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    size = cfg.model.image_size
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(batch, 3, size, size)).float().logsumexp(-1).mean()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.dim=64", "model.heads=2", "model.mlp_dim=96", "model.depth=3"]])
+def test_activation_bytes_match_what_autograd_saves(overrides: list[str]) -> None:
+    cfg = load_config(None, overrides)
+    for batch in (2, 5):
+        measured = _saved_bytes(cfg, batch, checkpointing=False)
+        planned = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", checkpointing=False)
+        assert abs(planned - measured) <= 4 * batch, (planned, measured)  # the loss's own (B,) output
+        # Checkpointed: forward keeps each block's input; backward recomputes one block on top.
+        measured = _saved_bytes(cfg, batch, checkpointing=True)
+        shallower = replace(cfg.model, depth=cfg.model.depth - 1)
+        one_block = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", checkpointing=False)
+        one_block -= activation_bytes(shallower, micro_batch=batch, precision="fp32", checkpointing=False)
+        planned = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", checkpointing=True)
+        assert abs(planned - one_block - measured) <= 4 * batch, (planned - one_block, measured)
+
+
+def test_plan_compares_the_total_with_the_gpu() -> None:
+    b16 = [*VARIANTS[1], "train.precision=bf16", "train.zero_stage=1", "train.micro_batch_size=256"]
+    fits = memory_plan(load_config(None, [*b16, "model.grad_checkpointing=true", "launch.gpu_mem_gb=80"]),
+                       nodes=8, gpus_per_node=8)  # fmt: skip
+    assert fits.world_size == 64 and fits.total < 80 * 1024**3
+    assert "fits" in format_plan(fits)
+    too_big = memory_plan(load_config(None, [*b16, "launch.gpu_mem_gb=12"]), nodes=1, gpus_per_node=8)
+    assert too_big.total > 12 * 1024**3 and too_big.activations > 4 * too_big.activations_checkpointed
+    assert "DOES NOT FIT" in format_plan(too_big)

@@ -1,0 +1,137 @@
+"""The launcher against a real 2-node SLURM cluster on 127.0.0.1 (tests/slurm/start_local_slurm.sh).
+
+The smoke run trains one rank per node; the timeout test gives the job a 1-minute limit so SLURM's
+USR2 arrives mid-training: all ranks save, submitit requeues, and the job resumes from that very
+checkpoint in the same MLflow run until it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import find_run, metric_history
+from pipeline.train.checkpoint import inspect_run_dir
+from tests.launch.conftest import REPO, rank_results, run_launcher, smoke_args, submitted_job_id
+
+pytestmark = pytest.mark.slurm
+SCRIPTS = REPO / "tests" / "slurm"
+
+
+def _answers(env: dict[str, str]) -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """The environment of a client of the local cluster (SLURM_CONF set); started here if needed."""
+    state = os.environ.get("PIPELINE_SLURM_DIR", "/tmp/pipeline-slurm")
+    env = {**os.environ, "SLURM_CONF": f"{state}/etc/slurm.conf"}
+    was_up = _answers(env)
+    start = subprocess.run(
+        ["bash", str(SCRIPTS / "start_local_slurm.sh")], env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if start.returncode != 0:
+        reason = start.stderr.strip().splitlines()[-1] if start.stderr.strip() else "no output"
+        if "could not install" in reason or "run as root" in reason:
+            pytest.skip(f"no local SLURM: {reason}")
+        pytest.fail(f"tests/slurm/start_local_slurm.sh failed: {start.stdout[-2000:]}\n{start.stderr[-2000:]}")
+    yield env
+    if not was_up:
+        subprocess.run(["bash", str(SCRIPTS / "stop_local_slurm.sh")], env=env, capture_output=True, timeout=120)
+
+
+def _log(run_dir: Path, job_id: str, rank: int) -> str:
+    """A rank's stdout and stderr, as submitit's srun wrote them (all attempts of the job)."""
+    folder = run_dir / "submitit" / job_id
+    return "".join((folder / f"{job_id}_{rank}_log.{ext}").read_text() for ext in ("out", "err"))
+
+
+@dataclass
+class Finished:
+    run_dir: Path
+    job_id: str
+    stdout: str
+
+
+@pytest.fixture(scope="module")
+def smoke_on_slurm(slurm_env, synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    run_dir = tmp_path_factory.mktemp("slurm") / "smoke"
+    out = run_launcher([*smoke_args(synthetic_shards, run_dir), "--follow"], env=slurm_env, timeout=280)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return Finished(run_dir, submitted_job_id(out.stdout), out.stdout)
+
+
+@pytest.mark.timeout(300)
+def test_smoke_trains_one_rank_per_node(smoke_on_slurm: Finished, slurm_env) -> None:
+    run_dir, job_id = smoke_on_slurm.run_dir, smoke_on_slurm.job_id
+    assert "executor: slurm (sinfo answered" in smoke_on_slurm.stdout
+    assert f"[launch] job {job_id} ended: COMPLETED" in smoke_on_slurm.stdout
+    logs = [_log(run_dir, job_id, rank) for rank in (0, 1)]
+    assert "node=0(2), global_rank=0(2)" in logs[0] and "node=1(2), global_rank=1(2)" in logs[1]
+    results = rank_results(run_dir, job_id, ranks=2)
+    assert [(outcome, r.status, r.step) for outcome, r in results] == [("success", "completed", 30)] * 2
+    info = inspect_run_dir(run_dir)
+    assert info is not None and (info.step, info.world_size) == (30, 2)
+    run = find_run(run_dir)
+    assert run.status == "FINISHED" and run.tags["slurm.job_id"] == job_id and run.tags["world_size"] == "2"
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["attempts"][0]["hosts"] == ["node1", "node2"] and job["requeues"] == 0
+    status = run_launcher(["--status", str(run_dir)], env=slurm_env)
+    assert f"job {job_id} (slurm, 2 node(s) x 1 tasks): COMPLETED" in status.stdout  # from sacct
+    assert "nodes node1,node2" in status.stdout and f"MLflow run id: {run.run_id}" in status.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bad_partition_or_account_shows_sbatch_error(slurm_env, synthetic_shards: Path, tmp_path: Path) -> None:
+    cases = {
+        ("--partition", "nosuch"): ("sbatch: error: invalid partition specified: nosuch", "check --partition"),
+        ("--account", "nosuch"): ("Invalid account or account/partition combination specified", "check --account"),
+    }
+    for (flag, value), (error, hint) in cases.items():
+        run_dir = tmp_path / value / flag.strip("-")
+        out = run_launcher([*smoke_args(synthetic_shards, run_dir), flag, value], env=slurm_env)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "error: slurm refused the job:" in out.stderr and error in out.stderr and f"hint: {hint}" in out.stderr
+        assert not (run_dir / "job.json").exists()
+
+
+@pytest.mark.timeout(420)
+def test_timeout_saves_requeues_and_resumes(smoke_on_slurm: Finished, slurm_env, synthetic_shards, tmp_path) -> None:
+    # ~50 s of training at the speed the smoke run just measured: longer than the first attempt
+    # can run before SLURM's USR2 (limit 60 s - 5 s delay, sent up to 30 s early).
+    img_per_s = rank_results(smoke_on_slurm.run_dir, smoke_on_slurm.job_id, ranks=1)[0][1].metrics["train/img_per_s"]
+    steps = int(min(3000, max(100, 50 * img_per_s / 32)))
+    run_dir = tmp_path / "requeue"
+    extra = ["--time", "1", "launch.signal_delay_s=5", "launch.max_timeouts=10", f"train.steps={steps}",
+             f"train.log_every={max(1, steps // 20)}", "checkpoint.every_steps=0"]  # fmt: skip
+    out = run_launcher([*smoke_args(synthetic_shards, run_dir), "--follow", *extra], env=slurm_env, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job_id = submitted_job_id(out.stdout)
+
+    attempts = json.loads((run_dir / "job.json").read_text())["attempts"]
+    assert len(attempts) >= 2, attempts  # at least one requeue
+    assert [a["restart"] for a in attempts] == list(range(len(attempts)))
+    assert [a["result"] for a in attempts] == ["preempted"] * (len(attempts) - 1) + ["completed"]
+    saved = [a["step"] for a in attempts[:-1]]
+    assert saved == sorted(saved) and attempts[-1]["step"] == steps
+    log = _log(run_dir, job_id, 0)
+    for step in saved:  # each attempt resumed exactly where the previous one saved on USR2
+        assert f"saved step {step} on the pre-timeout signal" in log
+        assert f"resumed from {run_dir}/checkpoints/step_{step:08d} (step {step}," in log
+
+    run = find_run(run_dir)
+    assert {a["mlflow_run_id"] for a in attempts} == {run.run_id}  # one MLflow run across the requeues
+    assert run.status == "FINISHED" and run.tags["slurm.restart_count"] == str(len(attempts) - 1)
+    logged = [step for step, _ in metric_history(run.tracking_uri, run.run_id, "train/loss")]
+    assert logged == sorted(set(logged)) and logged[-1] == steps  # the step count continues, no repeats

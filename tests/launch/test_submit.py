@@ -1,0 +1,145 @@
+"""The launcher's command line: help, pre-submission refusals, --dry-run, containers, --status.
+
+Nothing here starts a job: every refusal must leave the run dir without job.json or submitit folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from launch import submit
+from launch.cluster import parse_time_min
+from pipeline.config import load_config
+from tests.launch.conftest import REPO, run_launcher, smoke_args
+
+FLAGS = ["--config", "--nodes", "--gpus-per-node", "--cpus-per-task", "--mem", "--partition", "--account", "--qos",
+         "--time", "--constraint", "--exclude", "--job-name", "--run-dir", "--local", "--dry-run", "--wait",
+         "--follow", "--container", "--status", "section.key=value"]  # fmt: skip
+
+
+def _nothing_submitted(run_dir: Path) -> None:
+    assert not (run_dir / "job.json").exists()
+    assert not (run_dir / "submitit").exists()
+
+
+@pytest.mark.timeout(30)
+def test_help_names_every_flag() -> None:
+    out = run_launcher(["--help"])
+    assert out.returncode == 0
+    for flag in FLAGS:
+        assert flag in out.stdout, flag
+
+
+@pytest.mark.timeout(30)
+def test_unknown_config_key_is_refused(tmp_path: Path, synthetic_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = submit.main(smoke_args(synthetic_shards, tmp_path / "run", "--local", "optim.lrr=0.1"))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'?" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(60)
+def test_too_little_data_for_the_ranks_is_refused(
+    tmp_path: Path, synthetic_shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # 2 ranks x 16 workers = 32 slots x batch 16 = 512 samples needed; the split has 360.
+    rc = submit.main(smoke_args(synthetic_shards, tmp_path / "run", "--local", "data.num_workers=16"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "data preflight for 2 ranks x 16 workers failed" in err
+    assert "360 samples" in err and "at least 512" in err
+    assert "nothing was submitted" in err
+    _nothing_submitted(tmp_path / "run")
+
+
+@pytest.mark.timeout(60)
+def test_unwritable_run_dir_is_refused(tmp_path: Path, synthetic_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc = submit.main(smoke_args(synthetic_shards, blocker / "run", "--local"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"run dir {blocker / 'run'} is not writable" in err and "pass --run-dir" in err
+    if os.geteuid() != 0:  # root writes anywhere; a read-only directory only stops other users
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert submit.main(smoke_args(synthetic_shards, ro / "run", "--local")) == 1
+
+
+@pytest.mark.timeout(60)
+def test_no_sbatch_falls_back_to_local_and_says_so(tmp_path: Path, synthetic_shards: Path, no_sbatch_env) -> None:
+    out = run_launcher([*smoke_args(synthetic_shards, tmp_path / "run"), "--dry-run"], env=no_sbatch_env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (
+        "executor: local (no SLURM cluster here (sbatch is not on PATH): running locally on this machine)" in out.stdout
+    )
+    assert "local executor: 2 processes on this machine" in out.stdout
+
+
+@pytest.mark.timeout(60)
+def test_dry_run_prints_sbatch_script_rendezvous_and_memory_plan(tmp_path: Path, synthetic_shards: Path) -> None:
+    import torch  # noqa: F401  (the model's parameter count below is the reference)
+
+    from pipeline.model import ViT
+
+    run_dir = tmp_path / "run"
+    placement = ["--partition", "cpu", "--account", "proj", "--qos", "high", "--time", "1:30:00"]
+    placement += ["--cpus-per-task", "3", "--mem", "0", "--exclude", "node[3-4]"]
+    args = [*smoke_args(synthetic_shards, run_dir, "--local", "--dry-run"), *placement]
+    out = run_launcher(args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=90", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --requeue", "#SBATCH --partition=cpu", "#SBATCH --account=proj", "#SBATCH --qos=high",
+                 "#SBATCH --cpus-per-task=3", "#SBATCH --mem=0", "#SBATCH --exclude='node[3-4]'",
+                 f"#SBATCH --output={run_dir}/submitit/%j/%j_0_log.out", "srun --unbuffered",
+                 f"-m submitit.core._submit {run_dir}/submitit/%j"]:  # fmt: skip
+        assert line in text, line
+    assert "rendezvous: 2 ranks = 2 node(s) x 1 task(s), backend gloo (CPU)" in text
+    cfg = load_config(REPO / "configs/smoke.yaml", ["model.num_classes=4"])
+    n_params = sum(p.numel() for p in ViT(**cfg.model.vit_kwargs()).parameters())
+    assert f"memory plan per rank (CPU ranks: no GPU memory involved): ViT with {n_params:,} parameters" in text
+    assert "activations per micro batch of 16 images (65 tokens" in text
+    assert "ok: data:" in text and "dry run: nothing submitted" in text
+    _nothing_submitted(run_dir)
+
+
+@pytest.mark.timeout(60)
+def test_dry_run_with_container_shows_the_apptainer_command(tmp_path: Path, synthetic_shards: Path) -> None:
+    image = tmp_path / "train.sif"
+    image.write_bytes(b"not really an image: the dry run only needs the file")
+    run_dir = tmp_path / "run"
+    args = [*smoke_args(synthetic_shards, run_dir, "--dry-run", "--local"), "--container", str(image),
+            "--gpus-per-node", "2", "launch.gpu_mem_gb=80"]  # fmt: skip
+    out = run_launcher(args)
+    wrapped = (
+        f"apptainer exec --nv --bind {run_dir},{synthetic_shards}:{synthetic_shards}:ro,{REPO}:{REPO}:ro "
+        f"--env PYTHONPATH={REPO} {image} python3 -u -m submitit.core._submit {run_dir}/submitit/%j"
+    )
+    assert wrapped in out.stdout  # the rank command, and inside the sbatch script's srun line
+    assert out.stdout.count(f"{image} python3 -u -m submitit.core._submit") == 2
+    assert "#SBATCH --gpus-per-node=2" in out.stdout and "memory plan per GPU" in out.stdout
+    assert "of 80.00 GiB" in out.stdout
+    # This machine has neither apptainer nor GPUs: a real local submission would be refused.
+    assert out.returncode == 1 and "REFUSED:" in out.stdout
+    _nothing_submitted(run_dir)
+    missing = run_launcher([*smoke_args(synthetic_shards, run_dir, "--local"), "--container", str(tmp_path / "x.sif")])
+    assert missing.returncode == 1
+    assert f"launch.container: {tmp_path / 'x.sif'} does not exist" in missing.stderr
+
+
+def test_status_of_a_dir_without_jobs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert submit.main(["--status", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'job.json'} does not exist" in capsys.readouterr().err
+
+
+def test_time_formats() -> None:
+    assert [parse_time_min(t) for t in ["90", "1:30:00", "2-00:00:00", "1-12", "0:59:30", "1-01:30"]] == [
+        90, 90, 2880, 2160, 60, 1530,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="is not a SLURM time"):
+        parse_time_min("ninety")

@@ -1,0 +1,88 @@
+"""Helpers for training tests: real ranks started with torchrun on CPU (gloo), tiny configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, overrides: list[str], config: Path = SMOKE) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "pipeline.train", "--config", str(config), *overrides,
+    ]  # fmt: skip
+
+
+def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    env.update(extra or {})
+    return env
+
+
+def train(
+    nproc: int, overrides: list[str], *, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """Run the real entry point on ``nproc`` CPU ranks; output captured (stdout + stderr)."""
+    return subprocess.run(
+        torchrun_cmd(nproc, overrides), cwd=REPO, env=rank_env(env), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def start_training(
+    nproc: int, overrides: list[str], *, env: dict[str, str] | None = None, log: Path
+) -> subprocess.Popen:
+    """Start the ranks in their own process group (so a test can SIGKILL the whole job)."""
+    return subprocess.Popen(
+        torchrun_cmd(nproc, overrides), cwd=REPO, env=rank_env(env), stdout=open(log, "w"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Per-step records of <run_dir>/metrics.jsonl (a later line for a step wins: resumed runs)."""
+    out: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out.setdefault(record["step"], {}).update(record)
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {s: m["train/loss"] for s, m in metrics(run_dir).items() if "train/loss" in m}
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"training failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
