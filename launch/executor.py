@@ -245,6 +245,10 @@ class RankJob:
             )
         if result.status == "preempted":
             _hand_over_to_submitit()
+        else:
+            # Done: a USR2 that arrives now (the limit is near) must neither requeue a finished job
+            # through submitit's handler nor, during interpreter exit, kill the rank and fail the job.
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return result
 
     def checkpoint(self) -> DelayedSubmission:

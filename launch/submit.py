@@ -212,9 +212,8 @@ def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice) -> int:
     la = cfg.launch
     print("== resolved config ==")
     print(dump_config(cfg).rstrip())
-    print(f"\n== executor: {choice.kind} ({choice.reason}) ==")
     if choice.kind == "local":
-        print(f"local executor: {la.world_size} processes on this machine; on a SLURM cluster the same job is:")
+        print(f"\nlocal executor: {la.world_size} processes on this machine; on a SLURM cluster the same job is:")
     print("\n== sbatch script (written by submitit) ==")
     print(sbatch_script(plan).rstrip())
     print("\n== rank command ==")

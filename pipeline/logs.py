@@ -18,6 +18,8 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     # DeepSpeed and MLflow are chatty at INFO; their warnings still show.
     for name in ("DeepSpeed", "deepspeed", "mlflow", "urllib3", "alembic", "torch.distributed"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    # submitit's logger prints through its own handler; passing records on would print them twice.
+    logging.getLogger("submitit").propagate = False
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -70,6 +71,17 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
+def ignore_job_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGUSR2.
+
+    SLURM signals every process of a job step: a worker dying on SIGTERM would crash the rank before
+    it can save, and one inheriting the requeue handler (SIGUSR2) would try to requeue the job. The
+    main process handles both; workers end with it.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class _Source:
     """A split's shards, as plain data a worker process can receive."""
 
@@ -345,6 +357,7 @@ class TrainLoader:
             pin_memory=False,  # the float32 images are written into pinned memory by self._norm
             persistent_workers=workers > 0,
             prefetch_factor=self._cfg.prefetch_factor if workers > 0 else None,
+            worker_init_fn=ignore_job_signals,
         )
         self._it = iter(self._dl)
         self._base, self._live = self.counters(), {}
@@ -632,6 +645,7 @@ class ValLoader:
             pin_memory=False,  # see TrainLoader
             persistent_workers=workers > 0,  # evaluation runs many times; keep the workers
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+            worker_init_fn=ignore_job_signals,
         )
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
 

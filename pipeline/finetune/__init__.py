@@ -221,7 +221,7 @@ def freeze(model: ViT, mode: str, blocks: int) -> None:
 
 
 def report_tags(report: InitReport) -> dict[str, str]:
-    """MLflow tags linking a fine-tune run to its pretraining run and checkpoint."""
+    """What the fine-tune init did, as MLflow tags (the pretrain run link: pipeline.tracking.pretrain_tags)."""
     tags = {
         "finetune.init_from": report.source,
         "finetune.init_kind": report.kind,
@@ -230,8 +230,6 @@ def report_tags(report: InitReport) -> dict[str, str]:
     }
     if report.step is not None:
         tags["finetune.pretrain_step"] = str(report.step)
-    if report.pretrain_run_id:
-        tags["pretrain_run_id"] = report.pretrain_run_id
     return tags
 
 

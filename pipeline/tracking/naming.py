@@ -136,7 +136,8 @@ def run_tags(cfg: Config, *, world_size: int, env: dict[str, str] | None = None)
         "slurm.job_id": env.get("SLURM_JOB_ID", ""),
         "slurm.nodelist": env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")),
         "slurm.nodes": env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", str(cfg.launch.nodes))),
-        "slurm.restart_count": env.get("SLURM_RESTART_COUNT", "0"),
+        # the launcher's count (local executor included), else SLURM's
+        "slurm.restart_count": env.get("PIPELINE_REQUEUE_COUNT", env.get("SLURM_RESTART_COUNT", "0")),
         "world_size": str(world_size),
         "zero_stage": str(cfg.train.zero_stage),
         "git.commit": commit,

@@ -243,21 +243,22 @@ def _evaluate(r: Run, p: Progress) -> None:
     if r.val_loader is None:
         return
     r.engine.eval()
-    counts = torch.zeros(3, dtype=torch.float64)  # top1 hits, top5 hits, samples
+    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, loss sum, samples
     for images, labels in r.val_loader:
         logits = r.engine(images.to(r.device, r.dtype)).float().cpu()
         valid = labels >= 0  # padding entries (label -1) keep the ranks' batch counts equal
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hit = top == labels.unsqueeze(-1)
-        counts += torch.tensor(
-            [hit[:, 0][valid].sum().item(), hit.any(-1)[valid].sum().item(), valid.sum().item()], dtype=torch.float64
-        )
+        logits, labels = logits[valid], labels[valid]
+        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels.unsqueeze(-1)
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") if len(labels) else 0.0
+        counts += torch.tensor([hit[:, 0].sum(), hit.any(-1).sum(), float(loss), len(labels)], dtype=torch.float64)
     r.engine.train()
     dist.all_reduce(counts)
-    top1, top5 = (counts[:2] / counts[2].clamp(min=1)).tolist()
-    _record(r, p, {"eval/top1": top1, "eval/top5": top5})
-    log.info("eval at step %d: top-1 %.4f, top-5 %.4f on %d images", r.state["step"], top1, top5, int(counts[2]))
+    top1, top5, loss = (counts[:3] / counts[3].clamp(min=1)).tolist()
+    _record(r, p, {"eval/top1": top1, "eval/top5": top5, "eval/loss": loss})
+    log.info(
+        "eval at step %d: top-1 %.4f, top-5 %.4f, loss %.4f on %d images",
+        r.state["step"], top1, top5, loss, int(counts[3]),
+    )  # fmt: skip
     if r.on_eval is not None:
         r.on_eval(r, top1)
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from launch.cluster import FINAL_STATES, job_state
 from pipeline.tracking import find_run, metric_history
 from pipeline.train.checkpoint import inspect_run_dir
 from tests.launch.conftest import REPO, rank_results, run_launcher, smoke_args, submitted_job_id
@@ -77,6 +79,9 @@ def test_smoke_trains_one_rank_per_node(smoke_on_slurm: Finished, slurm_env) -> 
     run_dir, job_id = smoke_on_slurm.run_dir, smoke_on_slurm.job_id
     assert "executor: slurm (sinfo answered" in smoke_on_slurm.stdout
     assert f"[launch] job {job_id} ended: COMPLETED" in smoke_on_slurm.stdout
+    script = (run_dir / "submitit" / job_id / f"{job_id}_submission.sh").read_text()  # what sbatch got
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --signal=USR2@120"]:
+        assert line in script
     logs = [_log(run_dir, job_id, rank) for rank in (0, 1)]
     assert "node=0(2), global_rank=0(2)" in logs[0] and "node=1(2), global_rank=1(2)" in logs[1]
     results = rank_results(run_dir, job_id, ranks=2)
@@ -111,10 +116,10 @@ def test_timeout_saves_requeues_and_resumes(smoke_on_slurm: Finished, slurm_env,
     # ~50 s of training at the speed the smoke run just measured: longer than the first attempt
     # can run before SLURM's USR2 (limit 60 s - 5 s delay, sent up to 30 s early).
     img_per_s = rank_results(smoke_on_slurm.run_dir, smoke_on_slurm.job_id, ranks=1)[0][1].metrics["train/img_per_s"]
-    steps = int(min(3000, max(100, 50 * img_per_s / 32)))
+    steps = int(min(3000, max(100, 50 * img_per_s / 32))) // 10 * 10  # logged every steps / 10
     run_dir = tmp_path / "requeue"
     extra = ["--time", "1", "launch.signal_delay_s=5", "launch.max_timeouts=10", f"train.steps={steps}",
-             f"train.log_every={max(1, steps // 20)}", "checkpoint.every_steps=0"]  # fmt: skip
+             f"train.log_every={steps // 10}", "checkpoint.every_steps=0"]  # fmt: skip
     out = run_launcher([*smoke_args(synthetic_shards, run_dir), "--follow", *extra], env=slurm_env, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job_id = submitted_job_id(out.stdout)
@@ -135,3 +140,35 @@ def test_timeout_saves_requeues_and_resumes(smoke_on_slurm: Finished, slurm_env,
     assert run.status == "FINISHED" and run.tags["slurm.restart_count"] == str(len(attempts) - 1)
     logged = [step for step, _ in metric_history(run.tracking_uri, run.run_id, "train/loss")]
     assert logged == sorted(set(logged)) and logged[-1] == steps  # the step count continues, no repeats
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(1)
+
+
+@pytest.mark.timeout(300)
+def test_preemption_requeues_without_using_up_timeouts(
+    slurm_env, synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # launch.max_timeouts=0: a timeout would end the job; a preemption must still requeue it.
+    run_dir = tmp_path / "preempt"
+    extra = ["--time", "30", "launch.max_timeouts=0", "train.steps=60", "train.log_every=10"]
+    out = run_launcher([*smoke_args(synthetic_shards, run_dir), *extra], env=slurm_env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = submitted_job_id(out.stdout)
+    _wait_for(lambda: "step 10/60" in _log(run_dir, job_id, 0), 180, "the first training steps")
+    # The preemption signal (submitit's USR2), long before the time limit: submitit counts it as a
+    # preemption. (submitit's Job._interrupt() sends SIGTERM first; PyTorch's DataLoader workers exit
+    # on SIGTERM, so that variant needs workers that ignore it.)
+    subprocess.run(["scancel", job_id, "--signal=USR2"], env=slurm_env, check=True, timeout=30)
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])  # for squeue/sacct in job_state
+    _wait_for(lambda: job_state(job_id) in FINAL_STATES, 240, "the job to end")
+    assert job_state(job_id) == "COMPLETED"
+    attempts = json.loads((run_dir / "job.json").read_text())["attempts"]
+    assert [a["result"] for a in attempts] == ["preempted", "completed"] and attempts[-1]["step"] == 60
+    log = _log(run_dir, job_id, 0)
+    assert "this job is preempted" in log and "Requeued job" in log and "(0 remaining timeouts)" in log
+    assert f"resumed from {run_dir}/checkpoints/step_{attempts[0]['step']:08d}" in log

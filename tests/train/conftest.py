@@ -21,11 +21,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cmd(nproc: int, overrides: list[str], config: Path = SMOKE) -> list[str]:
+def torchrun_cmd(nproc: int, overrides: list[str], config: Path | None = SMOKE) -> list[str]:
+    """The rank command; ``config=None`` trains the embedded defaults."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "pipeline.train", "--config", str(config), *overrides,
+        "-m", "pipeline.train", *(["--config", str(config)] if config else []), *overrides,
     ]  # fmt: skip
 
 
@@ -38,11 +39,16 @@ def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def train(
-    nproc: int, overrides: list[str], *, env: dict[str, str] | None = None, timeout: float = 240
+    nproc: int,
+    overrides: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+    config: Path | None = SMOKE,
 ) -> subprocess.CompletedProcess:
     """Run the real entry point on ``nproc`` CPU ranks; output captured (stdout + stderr)."""
     return subprocess.run(
-        torchrun_cmd(nproc, overrides), cwd=REPO, env=rank_env(env), stdout=subprocess.PIPE,
+        torchrun_cmd(nproc, overrides, config), cwd=REPO, env=rank_env(env), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, timeout=timeout,
     )  # fmt: skip
 

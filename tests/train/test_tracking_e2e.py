@@ -1,0 +1,66 @@
+"""Training against a real MLflow server on 127.0.0.1: what a run carries, and a server that dies.
+
+The server is killed mid-run: training must keep its speed, finish, and its buffered metrics must
+reach the server once it is back (replayed by the next start of the same run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import find_run, metric_history
+from pipeline.tracking.read import list_artifacts
+from tests.train.conftest import assert_ok, metrics, start_training, train, wait_for
+
+STEPS = 120
+
+
+def overrides(shards: Path, run_dir: Path, uri: str, *extra: str) -> list[str]:
+    return [
+        f"data.path={shards}", f"train.run_dir={run_dir}", f"train.steps={STEPS}", "train.log_every=1",
+        "checkpoint.every_steps=60", f"tracking.uri={uri}", "tracking.timeout_s=1", "tracking.max_retries=0",
+        "tracking.retry_s=1", "tracking.system_metrics=false", "optim.lr=0.002", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.timeout(420)
+def test_server_killed_mid_run(mlflow_server, synthetic_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    job = start_training(2, overrides(synthetic_shards, run_dir, mlflow_server.url), log=tmp_path / "train.log")
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 20, 240, "20 steps")
+        mlflow_server.kill()
+        killed_at = max(metrics(run_dir))
+        assert job.wait(timeout=240) == 0, (tmp_path / "train.log").read_text()[-5000:]
+    finally:
+        if not mlflow_server.running():
+            mlflow_server.start()
+    log = (tmp_path / "train.log").read_text()
+    m = metrics(run_dir)
+    assert max(m) == STEPS and killed_at < STEPS - 20
+    # Normal speed with the server down: the steps after the kill are no slower than before it.
+    t = {s: m[s]["time"] for s in m}
+    before = (t[killed_at] - t[5]) / (killed_at - 5)
+    after = (t[STEPS - 1] - t[killed_at + 5]) / (STEPS - 1 - killed_at - 5)
+    assert after < 2.0 * before + 0.02, f"{after * 1e3:.1f} ms/step with the server down vs {before * 1e3:.1f} before"
+    assert log.count("metrics are buffered in") == 1  # one warning, not one per call
+    assert (run_dir / "tracking_buffer.jsonl").exists()
+
+    # The next start of this (complete) run replays the buffer into the same MLflow run.
+    again = train(2, overrides(synthetic_shards, run_dir, mlflow_server.url))
+    assert_ok(again)
+    assert "already complete" in again.stdout
+    run = find_run(run_dir)
+    assert run.run_id == json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    history = metric_history(run.tracking_uri, run.run_id, "train/loss")
+    steps = [s for s, _ in history]
+    assert steps == list(range(1, STEPS + 1)), "every step arrives exactly once"
+    assert [v for _, v in history] == pytest.approx([m[s]["train/loss"] for s in range(1, STEPS + 1)])
+    assert run.params["optim.lr"] == "0.002" and run.params["train.zero_stage"] == "2"
+    assert run.tags["world_size"] == "2" and run.tags["zero_stage"] == "2"
+    assert run.metrics["eval/top1"] >= 0.9
+    artifacts = list_artifacts(run.tracking_uri, run.run_id)
+    assert "config.yaml" in artifacts and any(a.endswith(".png") for a in artifacts)
