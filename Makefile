@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench install system-deps
 
 install: $(VENV)/.installed
 
@@ -22,5 +22,16 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(VENV)/.installed lint
+# Debian's chromium for the browser test (root). The launcher tests install and start their 2-node
+# SLURM cluster themselves (tests/slurm/start_local_slurm.sh) and stop it afterwards. Without root
+# those tests skip and say why; everything else still runs.
+system-deps:
+	-bash tests/system/install_browser.sh
+
+test: $(VENV)/.installed lint system-deps
 	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) bench/model.py
+	$(PY) bench/data.py
+	$(PY) bench/train.py

@@ -15,14 +15,18 @@
 # trust it) or that cache wheels: `pip download` runs with the host's pip settings into
 # $CHECK_LOG_DIR/wheels, served on 127.0.0.1 to the build. Needs the host's python3 to be 3.11.
 # Environment: BASE_TAG (default vit-pipeline-base:bookworm), IMAGE_TAG (default vit-pipeline:check),
-# DEBIAN_MIRROR (default http://deb.debian.org/debian), CHECK_LOG_DIR (default runs/docker-check).
+# DEBIAN_MIRROR (default http://deb.debian.org/debian), CHECK_LOG_DIR (default $TMPDIR or /tmp, then
+# vit-pipeline-docker-check), CHECK_WHEEL_PORT (default 38417, for --host-wheels).
 set -euo pipefail
 
 BASE_TAG="${BASE_TAG:-vit-pipeline-base:bookworm}"
 IMAGE_TAG="${IMAGE_TAG:-vit-pipeline:check}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LOG_DIR="${CHECK_LOG_DIR:-${REPO}/runs/docker-check}"
+# Outside the repository: runs/ is cleaned by other tools, and the wheel cache holds GBs.
+LOG_DIR="${CHECK_LOG_DIR:-${TMPDIR:-/tmp}/vit-pipeline-docker-check}"
+# A fixed port: build args are part of Docker's layer cache key, a new port would rebuild every layer.
+WHEEL_PORT="${CHECK_WHEEL_PORT:-38417}"
 EVAL_PATTERN="eval at step 30: top-1"
 KEEP_IMAGE=0
 HOST_WHEELS=0
@@ -31,7 +35,7 @@ for arg in "$@"; do
     case "${arg}" in
         --keep) KEEP_IMAGE=1 ;;
         --host-wheels) HOST_WHEELS=1 ;;
-        -h | --help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "check_image.sh: unknown argument '${arg}' (use --keep, --host-wheels or --help)" >&2; exit 2 ;;
     esac
 done
@@ -119,9 +123,12 @@ serve_host_wheels() {
     python3 -m pip download --dest "${wheels}" -c "${REPO}/constraints.txt" -r "${requirements}" \
         "setuptools>=68" wheel </dev/null >"${LOG_DIR}/pip-download.log" 2>&1 \
         || { echo "check_image.sh: pip download failed; see ${LOG_DIR}/pip-download.log" >&2; exit 1; }
-    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    port="${WHEEL_PORT}"
     python3 -m http.server --bind 127.0.0.1 --directory "${wheels}" "${port}" </dev/null >"${LOG_DIR}/wheel-server.log" 2>&1 &
     WHEEL_SERVER_PID=$!
+    sleep 1
+    kill -0 "${WHEEL_SERVER_PID}" 2>/dev/null \
+        || { echo "check_image.sh: cannot serve wheels on 127.0.0.1:${port} (set CHECK_WHEEL_PORT); see ${LOG_DIR}/wheel-server.log" >&2; exit 1; }
     BUILD_ARGS+=(--build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS="http://127.0.0.1:${port}/")
     log "serving $(find "${wheels}" -type f | wc -l) files ($(du -sh "${wheels}" | cut -f1)) on 127.0.0.1:${port}"
 }
@@ -182,7 +189,7 @@ if [[ "${HOST_WHEELS}" == 1 ]]; then
     timed wheels serve_host_wheels
 fi
 if ! timed build build_image; then
-    tail -n 30 "${LOG_DIR}/build.log"
+    tail -n 30 "${LOG_DIR}/build.log" || true
     summary "FAIL: docker build failed (see ${LOG_DIR}/build.log)" ""
     exit 1
 fi
@@ -191,10 +198,10 @@ image_size="$(docker image inspect --format '{{.Size}}' "${IMAGE_TAG}" </dev/nul
 smoke_rc=0
 timed smoke smoke_run || smoke_rc=$?
 eval_line="$(grep -o "${EVAL_PATTERN}.*" "${LOG_DIR}/smoke.log" | tail -n 1 || true)"
-grep -E "^(user|python) " "${LOG_DIR}/smoke.log" || true
+grep -E "^(user:|python) " "${LOG_DIR}/smoke.log" || true
 
 if [[ "${smoke_rc}" != 0 || -z "${eval_line}" ]]; then
-    tail -n 30 "${LOG_DIR}/smoke.log"
+    tail -n 30 "${LOG_DIR}/smoke.log" || true
     log "kept ${IMAGE_TAG} to debug (docker run --rm -it ${IMAGE_TAG} bash); remove it with: docker image rm ${IMAGE_TAG}"
     summary "FAIL: smoke run exit status ${smoke_rc}${eval_line:-, no '${EVAL_PATTERN}' line}" "${eval_line}"
     exit 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -40,6 +41,7 @@ from launch.executor import (  # noqa: E402
 )
 from launch.memory_plan import format_plan, memory_plan  # noqa: E402
 from pipeline.config import Config, ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
+from pipeline.tracking.server import read_server_url  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -127,6 +129,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
     cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
     if cfg.launch.container:
         cfg.launch.container = str(Path(cfg.launch.container).expanduser().absolute())
+    if cfg.finetune.init_from:
+        cfg.finetune.init_from = str(Path(cfg.finetune.init_from).expanduser().absolute())
+    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # A server started with launch/mlflow_server.py left its URL for the jobs to use.
+        cfg.tracking.uri = read_server_url() or ""
     return cfg
 
 

@@ -70,7 +70,6 @@ _TAG_AUG = 0xA06
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclass(frozen=True)
 def ignore_job_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM and SIGUSR2.
 
@@ -82,6 +81,7 @@ def ignore_job_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
+@dataclass(frozen=True)
 class _Source:
     """A split's shards, as plain data a worker process can receive."""
 

@@ -331,7 +331,10 @@ def save_checkpoint(r: Run) -> Path:
         ckpt.commit(tag_dir, _marker(r))
         ckpt.prune(ckpt_dir, r.cfg.checkpoint.keep_last)
     dist.barrier()
-    log.info("checkpoint %s committed in %.1f s", tag_dir, time.perf_counter() - t0)
+    if r.env.rank == 0:
+        gb = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file()) / 1e9
+        seconds = time.perf_counter() - t0
+        log.info("checkpoint %s committed: %.3f GB in %.2f s (%.2f GB/s)", tag_dir, gb, seconds, gb / seconds)
     return tag_dir
 
 
