@@ -40,8 +40,11 @@ Design (the arithmetic lives in :mod:`pipeline.data.plan`, the tar reading in :m
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import multiprocessing as mp
+import os
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -70,15 +73,32 @@ _TAG_AUG = 0xA06
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def ignore_job_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGUSR2.
+# Set by this (main) process once it shuts its workers down; workers inherit it at start.
+_SHUTTING_DOWN = mp.Event()
 
-    SLURM signals every process of a job step: a worker dying on SIGTERM would crash the rank before
-    it can save, and one inheriting the requeue handler (SIGUSR2) would try to requeue the job. The
-    main process handles both; workers end with it.
+
+def _on_worker_sigterm(signum: int, frame: object) -> None:
+    if _SHUTTING_DOWN.is_set():
+        os._exit(0)  # the main process is stopping its workers (DataLoader shutdown, interpreter exit)
+
+
+def worker_signals(worker_id: int) -> None:
+    """DataLoader workers survive the job's signals; only their own main process ends them.
+
+    SLURM signals every process of a job step. A worker that died on SLURM's SIGTERM (which
+    submitit ignores in the main process) would crash the rank before it could save on the USR2
+    that follows; one that inherited the requeue handler could requeue the job itself. So workers
+    ignore USR2, and exit on SIGTERM only once their main process has begun shutting them down.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_worker_sigterm)
+
+
+@atexit.register
+def _release_workers() -> None:
+    # Runs before multiprocessing's exit hook (atexit is last-in, first-out), which SIGTERMs and
+    # joins the remaining workers: they must take that SIGTERM.
+    _SHUTTING_DOWN.set()
 
 
 @dataclass(frozen=True)
@@ -357,7 +377,7 @@ class TrainLoader:
             pin_memory=False,  # the float32 images are written into pinned memory by self._norm
             persistent_workers=workers > 0,
             prefetch_factor=self._cfg.prefetch_factor if workers > 0 else None,
-            worker_init_fn=ignore_job_signals,
+            worker_init_fn=worker_signals,
         )
         self._it = iter(self._dl)
         self._base, self._live = self.counters(), {}
@@ -450,7 +470,9 @@ class TrainLoader:
     def _shutdown(self) -> None:
         it, self._it, self._dl = self._it, None, None
         if it is not None and hasattr(it, "_shutdown_workers"):
+            _SHUTTING_DOWN.set()  # torch may SIGTERM a worker that does not stop in time
             it._shutdown_workers()
+            _SHUTTING_DOWN.clear()
 
     def close(self) -> None:
         """Stop the worker processes (also done when the loader is garbage collected)."""
@@ -645,7 +667,7 @@ class ValLoader:
             pin_memory=False,  # see TrainLoader
             persistent_workers=workers > 0,  # evaluation runs many times; keep the workers
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-            worker_init_fn=ignore_job_signals,
+            worker_init_fn=worker_signals,
         )
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
 

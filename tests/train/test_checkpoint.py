@@ -103,3 +103,24 @@ def test_resolve_checkpoint_accepts_run_dir_checkpoints_dir_or_tag(tmp_path: Pat
         resolve_checkpoint(partial)
     with pytest.raises(CheckpointError, match=r"holds no checkpoints"):
         resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def test_checkpoint_of_another_model_or_stage_is_refused_before_training(tmp_path: Path) -> None:
+    from pipeline.config import config_to_dict, load_config
+    from pipeline.train.dist_env import DistEnv
+    from pipeline.train.setup import _resume_info
+
+    saved = load_config(None, ["model.dim=96", "model.depth=6"])
+    tag_dir = make(tmp_path, 10)
+    marker = json.loads((tag_dir / "COMMITTED").read_text())
+    (tag_dir / "COMMITTED").write_text(json.dumps({**marker, "model": config_to_dict(saved.model)}))
+    env = DistEnv(0, 2, 0, 2, "127.0.0.1", 29500, "single")
+    cfg = load_config(None, [f"train.run_dir={tmp_path}"])
+    with pytest.raises(CheckpointError, match=r"written for another model: model\.dim: checkpoint 96 vs config 64; "
+                                              r"model\.depth: checkpoint 6 vs config 4"):  # fmt: skip
+        _resume_info(cfg, env, tmp_path)
+    assert _resume_info(load_config(None, ["model.dim=96", "model.depth=6"]), env, tmp_path).step == 10
+    with pytest.raises(CheckpointError, match=r"written with ZeRO stage 2; set train.zero_stage=2"):
+        _resume_info(load_config(None, ["model.dim=96", "model.depth=6", "train.zero_stage=3"]), env, tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.resume=require but .* has no checkpoints"):
+        _resume_info(load_config(None, ["checkpoint.resume=require"]), env, tmp_path / "new")

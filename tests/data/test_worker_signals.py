@@ -1,0 +1,62 @@
+"""Loader workers outlive SLURM's SIGTERM, and never keep their process from exiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data import build_loader
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _workers() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=False)
+
+
+def test_workers_survive_sigterm_until_the_loader_closes(synthetic_shards: Path) -> None:
+    cfg = DataConfig(path=str(synthetic_shards), num_workers=2, shuffle_buffer=16)
+    loader = build_loader(cfg, rank=0, world_size=1, batch_size=8, image_size=(32, 32), seed=0)
+    it = iter(loader)
+    next(it)
+    workers = _workers()
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)  # what SLURM sends every process of the job step
+        os.kill(w.pid, signal.SIGUSR2)
+    time.sleep(0.5)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    for _ in range(10):  # 1 + 10 batches: both workers keep serving
+        images, labels = next(it)
+        assert images.shape == (8, 3, 32, 32)
+    loader.close()
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive
+
+
+SCRIPT = """
+import sys
+from pipeline.config import DataConfig
+from pipeline.data import build_loader
+loader = build_loader(DataConfig(path=sys.argv[1], num_workers=2), rank=0, world_size=1, batch_size=8,
+                      image_size=(32, 32), seed=0)
+it = iter(loader)
+next(it)
+raise RuntimeError("training failed with the workers still running")
+"""
+
+
+def test_a_failing_process_still_exits(synthetic_shards: Path) -> None:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(synthetic_shards)], capture_output=True, text=True,
+                          timeout=50)  # fmt: skip
+    assert proc.returncode == 1 and "training failed with the workers still running" in proc.stderr
+    assert time.monotonic() - t0 < 45
