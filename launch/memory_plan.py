@@ -33,19 +33,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import Config, ModelConfig
+from pipeline.model.presets import pair
 
 GiB = 1024**3
 # (16-bit or fp32 parameters, gradients, optimizer states) bytes per parameter
 _STATE_BYTES = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
 def _geometry(model: ModelConfig) -> tuple[int, int, int]:
     """(patches, patch_dim, tokens) of the ViT the config builds."""
-    (ih, iw), (ph, pw) = _pair(model.image_size), _pair(model.patch_size)
+    (ih, iw), (ph, pw) = pair(model.image_size), pair(model.patch_size)
     patches = (ih // ph) * (iw // pw)
     return patches, model.channels * ph * pw, patches + int(model.class_token)
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.model.presets import pair
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and how to fix it."""
-
-
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # type: ignore[return-value]
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -59,7 +57,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        (ih, iw), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        (ih, iw), (ph, pw) = pair(self.image_size), pair(self.patch_size)
         _require(
             ih % ph == 0 and iw % pw == 0,
             f"model.image_size {self.image_size} is not divisible by model.patch_size "

@@ -20,6 +20,7 @@ import torch
 from pipeline.config import Config
 from pipeline.model import ViT
 from pipeline.model.convert import to_ours
+from pipeline.model.presets import pair
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.export import META, WEIGHTS, load_export
 
@@ -167,7 +168,7 @@ def _adapt_pos_embed(state: dict, model: ViT, source: Source, report: InitReport
     tokens = pos.shape[1] - prefix
     old_size = (source.model_cfg or {}).get("image_size")
     if old_size is not None:
-        grid = tuple(s // p for s, p in zip(_pair(old_size), model.patch_size, strict=True))
+        grid = tuple(s // p for s, p in zip(pair(old_size), model.patch_size, strict=True))
     else:
         side = int(round(tokens**0.5))
         grid = (side, side)
@@ -180,10 +181,6 @@ def _adapt_pos_embed(state: dict, model: ViT, source: Source, report: InitReport
     donor.resize_pos_embed(model.image_size)
     report.resized.append(f"pos_embed {tuple(pos.shape)} -> {tuple(donor.pos_embed.shape)}")
     return {**state, "pos_embed": donor.pos_embed.detach()}
-
-
-def _pair(v: object) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))  # type: ignore[index]
 
 
 def _load_backbone(model: ViT, state: dict, report: InitReport) -> None:

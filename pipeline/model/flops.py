@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipeline.model.presets import pair
+
 if TYPE_CHECKING:  # kept free of torch, like presets.py
     from pipeline.model.vit import ViT
-
-
-def _pair(t: int | tuple[int, int]) -> tuple[int, int]:
-    return (int(t[0]), int(t[1])) if isinstance(t, (tuple, list)) else (int(t), int(t))
 
 
 def vit_forward_macs(
@@ -33,7 +31,7 @@ def vit_forward_macs(
     **_: Any,
 ) -> int:
     """MACs per image of the ViT that ``ViT(**kwargs)`` builds (other arguments cost nothing here)."""
-    (ih, iw), (ph, pw) = _pair(image_size), _pair(patch_size)
+    (ih, iw), (ph, pw) = pair(image_size), pair(patch_size)
     patches = (ih // ph) * (iw // pw)
     tokens = patches + (1 if class_token else 0)
     inner = heads * dim_head

@@ -21,6 +21,11 @@ _PATCHES = (16, 14)
 PRESET_NAMES: tuple[str, ...] = tuple(f"{s}/{p}" for s in _SIZES for p in _PATCHES)
 
 
+def pair(t: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An image or patch size as (height, width): ``16`` -> ``(16, 16)``."""
+    return (int(t[0]), int(t[1])) if isinstance(t, (tuple, list)) else (int(t), int(t))
+
+
 def preset_kwargs(name: str) -> dict:
     """Architecture keyword arguments of the preset ``name`` (e.g. "B/16")."""
     size, _, patch = name.partition("/")

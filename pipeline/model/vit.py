@@ -39,15 +39,11 @@ from einops.layers.torch import Rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.presets import preset_kwargs
+from pipeline.model.presets import pair, preset_kwargs
 
 Pool = Literal["cls", "mean"]
 HeadInit = Literal["zero", "trunc_normal"]
 INIT_STD = 0.02
-
-
-def pair(t: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    return (int(t[0]), int(t[1])) if isinstance(t, (tuple, list)) else (int(t), int(t))
 
 
 @torch.no_grad()
