@@ -53,10 +53,13 @@ def check_run_dir(run_dir: Path) -> str:
 
 def check_resume(cfg: Config, run_dir: Path) -> str:
     """Whether the run dir holds a complete checkpoint to resume (a run dir with only broken ones is refused)."""
-    from pipeline.train.checkpoint import CheckpointError, inspect_run_dir
+    from pipeline.config import config_to_dict
+    from pipeline.train.checkpoint import CheckpointError, check_fits, inspect_run_dir
 
     try:
         info = inspect_run_dir(run_dir)
+        if info is not None:
+            check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
     except CheckpointError as e:
         raise Refused(str(e)) from None
     if info is None:

@@ -180,6 +180,30 @@ def _read_latest(ckpt_dir: Path) -> str | None:
     return text
 
 
+# Model keys that change the parameter shapes or the computed function; others (dropout, drop path,
+# checkpointing) may differ between a run and its resume.
+ARCH_KEYS = ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim", "pool", "channels",
+             "dim_head", "qkv_bias", "layer_norm_eps", "patch_norm", "norm_before_pool", "class_token")  # fmt: skip
+
+
+def check_fits(info: ResumeInfo, model: dict, zero_stage: int) -> None:
+    """Refuse to resume ``info`` under another model architecture or ZeRO stage, key by key."""
+    saved = info.marker.get("model", {})
+    diff = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {model[k]!r}" for k in ARCH_KEYS if saved.get(k) != model[k]
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{info.path} was written for another model: {'; '.join(diff)}. Use the original model config, "
+            f"or a new train.run_dir (fine-tuning from it: finetune.init_from={info.path.parent.parent})"
+        )
+    if info.zero_stage != zero_stage:
+        raise CheckpointError(
+            f"{info.path} was written with ZeRO stage {info.zero_stage}; set train.zero_stage={info.zero_stage} "
+            f"to resume it (changing the stage mid-run is not supported)"
+        )
+
+
 def resolve_checkpoint(path: str | Path) -> ResumeInfo:
     """A run dir, its checkpoints dir, or one tag dir -> the complete checkpoint it means."""
     path = Path(path)

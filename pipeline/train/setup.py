@@ -148,35 +148,13 @@ def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
                 f"checkpoint.resume=require but {run_dir} has no checkpoints; point train.run_dir at the run to resume"
             )
         return None
-    saved = info.marker.get("model", {})
-    current = config_to_dict(cfg.model)
-    diff = [
-        f"model.{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
-        for k in _ARCH_KEYS
-        if saved.get(k) != current[k]
-    ]
-    if diff:
-        raise CheckpointError(
-            f"{info.path} was written for another model: {'; '.join(diff)}. Use the original model config, "
-            f"or a new train.run_dir (fine-tuning from it: finetune.init_from={run_dir})"
-        )
-    if info.zero_stage != cfg.train.zero_stage:
-        raise CheckpointError(
-            f"{info.path} was written with ZeRO stage {info.zero_stage}; set train.zero_stage={info.zero_stage} "
-            f"to resume it (changing the stage mid-run is not supported)"
-        )
+    ckpt.check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
     if info.world_size != env.world_size:
         log.warning(
             "%s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
             info.tag, info.world_size, env.world_size,
         )  # fmt: skip
     return info
-
-
-# Keys that change the parameter shapes or the computed function; others (dropout, drop path,
-# checkpointing) may differ between a run and its resume.
-_ARCH_KEYS = ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim", "pool", "channels",
-              "dim_head", "qkv_bias", "layer_norm_eps", "patch_norm", "norm_before_pool", "class_token")  # fmt: skip
 
 
 def _prepare_universal(info: ResumeInfo, env: DistEnv) -> str:

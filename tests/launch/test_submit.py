@@ -143,3 +143,40 @@ def test_time_formats() -> None:
     ]  # fmt: skip
     with pytest.raises(ValueError, match="is not a SLURM time"):
         parse_time_min("ninety")
+
+
+def _fake_checkpoint(run_dir: Path, step: int, model: dict | None, complete: bool = True) -> None:
+    from pipeline.train.checkpoint import commit, tag_for
+
+    tag_dir = run_dir / "checkpoints" / tag_for(step)
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x" * 8)
+    if complete:
+        commit(tag_dir, {"step": step, "samples_seen": 32 * step, "world_size": 2, "zero_stage": 2, "model": model})
+
+
+@pytest.mark.timeout(60)
+def test_run_dir_with_only_partial_checkpoints_is_refused(
+    tmp_path: Path, synthetic_shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    _fake_checkpoint(run_dir, 10, None, complete=False)
+    assert submit.main(smoke_args(synthetic_shards, run_dir, "--local")) == 1
+    err = capsys.readouterr().err
+    assert "holds 1 checkpoint(s)" in err and "none is complete" in err and "Refusing to start fresh" in err
+    _nothing_submitted(run_dir)
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_of_another_model_is_refused(
+    tmp_path: Path, synthetic_shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pipeline.config import config_to_dict
+
+    run_dir = tmp_path / "run"
+    other = load_config(REPO / "configs" / "smoke.yaml", ["model.dim=96", "model.num_classes=4"]).model
+    _fake_checkpoint(run_dir, 10, config_to_dict(other))
+    assert submit.main(smoke_args(synthetic_shards, run_dir, "--local")) == 1
+    err = capsys.readouterr().err
+    assert "was written for another model: model.dim: checkpoint 96 vs config 48" in err
+    _nothing_submitted(run_dir)
