@@ -135,7 +135,8 @@ serve_host_wheels() {
 
 build_image() {
     log "docker build ${IMAGE_TAG} FROM ${BASE_TAG} (log: ${LOG_DIR}/build.log)"
-    docker build --network=host "${BUILD_ARGS[@]}" \
+    # --force-rm: a failed step leaves no stopped container behind (the legacy builder keeps them).
+    docker build --network=host --force-rm "${BUILD_ARGS[@]}" \
         -f "${REPO}/docker/Dockerfile" -t "${IMAGE_TAG}" "${REPO}" </dev/null >"${LOG_DIR}/build.log" 2>&1
 }
 
