@@ -258,7 +258,7 @@ def bench_accelerator(args: argparse.Namespace, device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for all CPU timings)")
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per side (median; >= 5)")
+    parser.add_argument("--reps", type=int, default=15, help="timed repetitions per side (median; >= 5)")
     parser.add_argument("--quick", action="store_true", help="5 repetitions, smaller CPU batches")
     parser.add_argument("--skip-cpu", action="store_true", help="only the accelerator section")
     parser.add_argument(

@@ -41,6 +41,7 @@ Design (the arithmetic lives in :mod:`pipeline.data.plan`, the tar reading in :m
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import multiprocessing as mp
@@ -73,32 +74,61 @@ _TAG_AUG = 0xA06
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-# Set by this (main) process once it shuts its workers down; workers inherit it at start.
-_SHUTTING_DOWN = mp.Event()
+# Workers start from a forkserver, a clean single-threaded process, not by forking the training
+# process: by the time a loader starts its workers, that process runs threads (the tracker, gloo,
+# queue feeders), and a fork taken while one of them holds an interpreter lock deadlocks the child
+# (seen here: a val worker hung in PyOS_AfterFork_Child). The server preloads torch and this module,
+# so a worker starts in milliseconds.
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["torch", __name__])
+
+# Set by the training process once it shuts its workers down; passed to every worker. Made on first
+# use, so that importing this module (the forkserver preloads it) creates no semaphore.
+_SHUTTING_DOWN: Any = None
 
 
-def _on_worker_sigterm(signum: int, frame: object) -> None:
-    if _SHUTTING_DOWN.is_set():
-        os._exit(0)  # the main process is stopping its workers (DataLoader shutdown, interpreter exit)
+def _shutting_down() -> Any:
+    global _SHUTTING_DOWN
+    if _SHUTTING_DOWN is None:
+        _SHUTTING_DOWN = _CONTEXT.Event()
+    return _SHUTTING_DOWN
 
 
-def worker_signals(worker_id: int) -> None:
-    """DataLoader workers survive the job's signals; only their own main process ends them.
+def _on_worker_sigterm(shutting_down: Any) -> Any:
+    def handler(signum: int, frame: object) -> None:
+        if shutting_down.is_set():
+            os._exit(0)  # the training process is stopping its workers (DataLoader shutdown, exit)
+
+    return handler
+
+
+def worker_signals(worker_id: int, shutting_down: Any) -> None:
+    """DataLoader workers survive the job's signals; only their own training process ends them.
 
     SLURM signals every process of a job step. A worker that died on SLURM's SIGTERM (which
     submitit ignores in the main process) would crash the rank before it could save on the USR2
     that follows; one that inherited the requeue handler could requeue the job itself. So workers
-    ignore USR2, and exit on SIGTERM only once their main process has begun shutting them down.
+    ignore USR2, and exit on SIGTERM only once their training process has begun shutting them down.
     """
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_worker_sigterm)
+    signal.signal(signal.SIGTERM, _on_worker_sigterm(shutting_down))
+
+
+def _worker_options(workers: int) -> dict[str, Any]:
+    if workers == 0:
+        return {}
+    return {
+        "multiprocessing_context": _CONTEXT,
+        "worker_init_fn": functools.partial(worker_signals, shutting_down=_shutting_down()),
+    }
 
 
 @atexit.register
 def _release_workers() -> None:
     # Runs before multiprocessing's exit hook (atexit is last-in, first-out), which SIGTERMs and
     # joins the remaining workers: they must take that SIGTERM.
-    _SHUTTING_DOWN.set()
+    if _SHUTTING_DOWN is not None:
+        _SHUTTING_DOWN.set()
 
 
 @dataclass(frozen=True)
@@ -377,7 +407,7 @@ class TrainLoader:
             pin_memory=False,  # the float32 images are written into pinned memory by self._norm
             persistent_workers=workers > 0,
             prefetch_factor=self._cfg.prefetch_factor if workers > 0 else None,
-            worker_init_fn=worker_signals,
+            **_worker_options(workers),
         )
         self._it = iter(self._dl)
         self._base, self._live = self.counters(), {}
@@ -470,9 +500,9 @@ class TrainLoader:
     def _shutdown(self) -> None:
         it, self._it, self._dl = self._it, None, None
         if it is not None and hasattr(it, "_shutdown_workers"):
-            _SHUTTING_DOWN.set()  # torch may SIGTERM a worker that does not stop in time
+            _shutting_down().set()  # torch may SIGTERM a worker that does not stop in time
             it._shutdown_workers()
-            _SHUTTING_DOWN.clear()
+            _shutting_down().clear()
 
     def close(self) -> None:
         """Stop the worker processes (also done when the loader is garbage collected)."""
@@ -667,7 +697,7 @@ class ValLoader:
             pin_memory=False,  # see TrainLoader
             persistent_workers=workers > 0,  # evaluation runs many times; keep the workers
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-            worker_init_fn=worker_signals,
+            **_worker_options(workers),
         )
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
 

@@ -81,12 +81,21 @@ class PatchEmbed(nn.Module):
         super().__init__()
         ph, pw = patch_size
         patch_dim = channels * ph * pw
+        self.patch_size = patch_size
         self.to_patches = Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=ph, p2=pw)
         self.norm_in = nn.LayerNorm(patch_dim, eps=eps) if norm else nn.Identity()
         self.proj = nn.Linear(patch_dim, dim)
         self.norm_out = nn.LayerNorm(dim, eps=eps) if norm else nn.Identity()
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm_in, nn.Identity):
+            # Same function as Linear on the flattened patches, without materialising the patch
+            # copy (and its gradient): a strided convolution with the Linear weight viewed as a kernel.
+            kernel = rearrange(
+                self.proj.weight, "d (p1 p2 c) -> d c p1 p2", p1=self.patch_size[0], p2=self.patch_size[1]
+            )
+            x = F.conv2d(img, kernel, self.proj.bias, stride=self.patch_size)  # (B, D, h, w)
+            return self.norm_out(rearrange(x, "b d h w -> b (h w) d"))
         return self.norm_out(self.proj(self.norm_in(self.to_patches(img))))
 
 

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _workers() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=False)
+    """The loader's workers: children of the forkserver, itself a child of this process."""
+    servers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+    return [w for server in servers for w in server.children()]
 
 
 def test_workers_survive_sigterm_until_the_loader_closes(synthetic_shards: Path) -> None:
