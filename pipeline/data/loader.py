@@ -50,6 +50,7 @@ import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,30 @@ _CONTEXT.set_forkserver_preload(["torch", __name__])
 _SHUTTING_DOWN: Any = None
 
 
+# What SLURM sends every process of a job step (scancel --signal, preemption, the pre-timeout signal).
+_JOB_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
+
+
 def _shutting_down() -> Any:
+    """The shutdown event, made together with the forkserver, both with the job's signals blocked.
+
+    The forkserver and multiprocessing's resource tracker are helper processes of this one, and SLURM
+    signals them too. A forkserver killed by SIGTERM or USR2 takes every worker with it (a worker
+    exits once its parent is gone), so the rank would crash just as it should save. A blocked
+    signal mask survives fork and exec, so both helpers start with these signals held pending for
+    good; this process's handlers are untouched, and a signal sent meanwhile reaches them once the
+    block ends. The workers unblock them again (worker_signals).
+    """
     global _SHUTTING_DOWN
     if _SHUTTING_DOWN is None:
-        _SHUTTING_DOWN = _CONTEXT.Event()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _JOB_SIGNALS)
+        try:
+            event = _CONTEXT.Event()  # starts the resource tracker (the event's semaphore) ...
+            signal.pthread_sigmask(signal.SIG_BLOCK, _JOB_SIGNALS)  # ... whose start unblocks SIGTERM
+            forkserver.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _SHUTTING_DOWN = event
     return _SHUTTING_DOWN
 
 
@@ -112,6 +133,7 @@ def worker_signals(worker_id: int, shutting_down: Any) -> None:
     """
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_worker_sigterm(shutting_down))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _JOB_SIGNALS)  # inherited blocked from the forkserver
 
 
 def _worker_options(workers: int) -> dict[str, Any]:

@@ -18,10 +18,13 @@ from pipeline.data import build_loader
 pytestmark = pytest.mark.timeout(60)
 
 
+def _forkservers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+
+
 def _workers() -> list[psutil.Process]:
     """The loader's workers: children of the forkserver, itself a child of this process."""
-    servers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
-    return [w for server in servers for w in server.children()]
+    return [w for server in _forkservers() for w in server.children()]
 
 
 def test_workers_survive_sigterm_until_the_loader_closes(synthetic_shards: Path) -> None:
@@ -29,13 +32,13 @@ def test_workers_survive_sigterm_until_the_loader_closes(synthetic_shards: Path)
     loader = build_loader(cfg, rank=0, world_size=1, batch_size=8, image_size=(32, 32), seed=0)
     it = iter(loader)
     next(it)
-    workers = _workers()
-    assert len(workers) == 2
-    for w in workers:
-        os.kill(w.pid, signal.SIGTERM)  # what SLURM sends every process of the job step
-        os.kill(w.pid, signal.SIGUSR2)
+    workers, servers = _workers(), _forkservers()
+    assert len(workers) == 2 and len(servers) == 1
+    for p in workers + servers:
+        os.kill(p.pid, signal.SIGTERM)  # what SLURM sends every process of the job step
+        os.kill(p.pid, signal.SIGUSR2)
     time.sleep(0.5)
-    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers + servers)
     for _ in range(10):  # 1 + 10 batches: both workers keep serving
         images, labels = next(it)
         assert images.shape == (8, 3, 32, 32)
