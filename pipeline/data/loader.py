@@ -136,13 +136,23 @@ def worker_signals(worker_id: int, shutting_down: Any) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _JOB_SIGNALS)  # inherited blocked from the forkserver
 
 
-def _worker_options(workers: int) -> dict[str, Any]:
-    if workers == 0:
-        return {}
-    return {
-        "multiprocessing_context": _CONTEXT,
-        "worker_init_fn": functools.partial(worker_signals, shutting_down=_shutting_down()),
-    }
+def _data_loader(stream: IterableDataset, workers: int, prefetch_factor: int) -> DataLoader:
+    """The DataLoader both loaders run: batches come made from the stream, workers stay for the run."""
+    options: dict[str, Any] = {}
+    if workers > 0:
+        options = {
+            "multiprocessing_context": _CONTEXT,
+            "worker_init_fn": functools.partial(worker_signals, shutting_down=_shutting_down()),
+            "persistent_workers": True,  # evaluation runs many times: keep its workers
+            "prefetch_factor": prefetch_factor,
+        }
+    return DataLoader(
+        stream,
+        batch_size=None,  # batches are made inside the workers
+        num_workers=workers,
+        pin_memory=False,  # the float32 images are written into pinned memory by Normalize
+        **options,
+    )
 
 
 @atexit.register
@@ -422,15 +432,7 @@ class TrainLoader:
     def _start(self) -> None:
         stream = replace(self._stream, start=self._pos)
         workers = self._cfg.num_workers
-        self._dl = DataLoader(
-            stream,
-            batch_size=None,  # batches are made inside the workers
-            num_workers=workers,
-            pin_memory=False,  # the float32 images are written into pinned memory by self._norm
-            persistent_workers=workers > 0,
-            prefetch_factor=self._cfg.prefetch_factor if workers > 0 else None,
-            **_worker_options(workers),
-        )
+        self._dl = _data_loader(stream, workers, self._cfg.prefetch_factor)
         self._it = iter(self._dl)
         self._base, self._live = self.counters(), {}
 
@@ -712,15 +714,7 @@ class ValLoader:
         self._stream, self._cfg, self._with_keys = stream, cfg, with_keys
         self._norm = Normalize(cfg.mean, cfg.std, pin=pin_memory)
         workers = min(cfg.num_workers, len(stream))
-        self._dl = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=False,  # see TrainLoader
-            persistent_workers=workers > 0,  # evaluation runs many times; keep the workers
-            prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-            **_worker_options(workers),
-        )
+        self._dl = _data_loader(stream, workers, cfg.prefetch_factor)
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
 
     def __len__(self) -> int:
