@@ -108,6 +108,7 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
     import torch.distributed as dist
 
     from pipeline.config import load_config
+    from pipeline.train.checkpoint import verify
     from pipeline.train.dist_env import detect
     from pipeline.train.loop import _step
     from pipeline.train.setup import build_run, save_checkpoint
@@ -128,7 +129,7 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
         tag_dir = save_checkpoint(r)
         save_s = time.perf_counter() - t0
         if r.env.rank == 0:
-            gb = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file()) / 1e9
+            gb = sum(verify(tag_dir)["files"].values()) / 1e9  # also proves the save complete
             _settle()
             print("CKPT " + json.dumps({"gb": gb, "save_s": save_s, "dd_gb_s": dd_bandwidth(Path(run_dir), gb)}))
         dist.barrier()

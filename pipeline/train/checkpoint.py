@@ -109,11 +109,15 @@ def _files(tag_dir: Path) -> dict[str, int]:
     return out
 
 
-def commit(tag_dir: Path, info: dict[str, Any]) -> None:
-    """Write the commit marker (rank 0, after every rank's files are flushed) and move ``latest``."""
+def commit(tag_dir: Path, info: dict[str, Any]) -> int:
+    """Write the commit marker (rank 0, after every rank's files are flushed) and move ``latest``.
+
+    Returns the bytes the marker lists (the checkpoint's size).
+    """
     marker = dict(info, tag=tag_dir.name, files=_files(tag_dir), committed_at=time.time())
     atomic_write(tag_dir / MARKER, json.dumps(marker, indent=1, sort_keys=True))
     atomic_write(tag_dir.parent / LATEST, tag_dir.name)
+    return sum(marker["files"].values())
 
 
 def verify(tag_dir: Path) -> dict | None:

@@ -306,11 +306,10 @@ def save_checkpoint(r: Run) -> Path:
         time.sleep(float(seconds))
     dist.barrier()  # every rank's files are on disk
     if r.env.rank == 0:
-        ckpt.commit(tag_dir, _marker(r))
+        gb = ckpt.commit(tag_dir, _marker(r)) / 1e9
         ckpt.prune(ckpt_dir, r.cfg.checkpoint.keep_last)
     dist.barrier()
     if r.env.rank == 0:
-        gb = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file()) / 1e9
         seconds = time.perf_counter() - t0
         log.info("checkpoint %s committed: %.3f GB in %.2f s (%.2f GB/s)", tag_dir, gb, seconds, gb / seconds)
     return tag_dir

@@ -36,6 +36,8 @@ def test_newest_complete_checkpoint_is_chosen(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000020"
     marker = json.loads((tmp_path / "checkpoints/step_00000020/COMMITTED").read_text())
     assert marker["files"] == {"mp_rank_00_model_states.pt": 10, "zero_pp_rank_1.pt": 5}
+    tag_dir = make(tmp_path, 30, complete=False, files={"a.pt": b"x" * 7, "b.pt": b"y" * 4})
+    assert commit(tag_dir, {"step": 30}) == 11  # the bytes the marker lists (logged as the save size)
 
 
 def test_no_checkpoints_means_a_fresh_start(tmp_path: Path) -> None:
