@@ -2,7 +2,8 @@
 
     python -m pipeline.data.shards write --out DIR --synthetic 1000 --classes 10 --size 32
     python -m pipeline.data.shards write --out DIR --digits --size 32
-    python -m pipeline.data.shards write --out DIR path/to/imagefolder   (or a path,label list file)
+    python -m pipeline.data.shards write --out DIR path/to/train [--val-source path/to/val] [--strict]
+        (an ImageFolder tree, or a list file of path<TAB>label or path,label lines)
     python -m pipeline.data.shards check DIR --ranks 16 --workers 8 --batch-size 256 [--decode]
 
 ``check`` exits 0 when every rank and worker gets data, 1 with the reason otherwise.
@@ -22,7 +23,17 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.data.shards", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write tar shards and their index")
-    w.add_argument("source", nargs="?", help="an ImageFolder root (root/<class>/<img>) or a path,label list file")
+    w.add_argument(
+        "source", nargs="?", help="an ImageFolder root (root/<class>/<img>) or a path<TAB>label / path,label list file"
+    )
+    w.add_argument(
+        "--val-source",
+        metavar="DIR",
+        help="imagefolder: the val split from this tree or list file (train's class names); no hold-out from train",
+    )
+    w.add_argument(
+        "--strict", action="store_true", help="imagefolder: stop at the first bad file (default: skip and report it)"
+    )
     w.add_argument("--out", required=True, help="output directory")
     w.add_argument("--synthetic", type=int, metavar="N", help="N procedurally drawn, learnable images")
     w.add_argument("--digits", action="store_true", help="scikit-learn's bundled digits (1,797 images, 10 classes)")
@@ -54,7 +65,14 @@ def _write(a: argparse.Namespace) -> None:
     sources = [s for s in (a.synthetic is not None, a.digits, a.source is not None) if s]
     if len(sources) != 1:
         raise PreflightError("give exactly one source: --synthetic N, --digits, or an ImageFolder root / list file")
-    from pipeline.data.writer import write_digits, write_imagefolder, write_synthetic  # imports torch (webdataset)
+    if a.source is None and (a.val_source is not None or a.strict):
+        raise PreflightError("--val-source and --strict apply to an ImageFolder root / list file source only")
+    from pipeline.data.writer import (  # imports torch (webdataset)
+        REPORT_NAME,
+        write_digits,
+        write_imagefolder,
+        write_synthetic,
+    )
 
     common = dict(
         seed=a.seed,
@@ -70,9 +88,19 @@ def _write(a: argparse.Namespace) -> None:
     elif a.digits:
         index = write_digits(a.out, size=a.size, val_frac=_vf(a, 0.2), **common)
     else:
-        index = write_imagefolder(a.out, source=a.source, resize=a.resize, val_frac=_vf(a, 0.1), **common)
+        index = write_imagefolder(
+            a.out,
+            source=a.source,
+            val_source=a.val_source,
+            strict=a.strict,
+            resize=a.resize,
+            val_frac=a.val_frac,
+            **common,
+        )
     for name, info in index.splits.items():
         print(f"{index.root}: {name} {info.samples} samples in {len(info.shards)} shards, {index.num_classes} classes")
+    if a.source is not None:
+        print(f"{index.root}: report of written and skipped files in {index.root / REPORT_NAME}")
 
 
 def _vf(a: argparse.Namespace, default: float) -> float:

@@ -74,21 +74,62 @@ def eval_box(h: int, w: int, size: tuple[int, int], crop_pct: float) -> tuple[in
     return int(round((h - ch) / 2)), int(round((w - cw) / 2)), max(1, int(round(ch))), max(1, int(round(cw)))
 
 
-def _open_pil(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    return img if img.mode == "RGB" else img.convert("RGB")
+_WHITE = (255, 255, 255)
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: the one conversion the writer and both loader decoders share.
+
+    PIL's own ``convert("RGB")`` clips 16-bit and 32-bit samples at 255 (a 16-bit PNG comes out near
+    white), so those are scaled here: ``I;16*`` and ``I`` by 255 / 65535 (``I`` is what Pillow gives
+    16-bit greyscale from some files and versions; values outside 0..65535 are clipped), ``F`` from
+    [0, 1]. Transparency (``RGBA``, ``LA``, ``PA``, ``P`` or ``RGB`` with a ``transparency`` key) is
+    composited over white, as a viewer shows it and as img2dataset's resizer does; dropping alpha
+    would keep whatever colour an editor left under transparent pixels (often black). ``CMYK``,
+    ``YCbCr``, ``1``, ``L`` and ``P`` use PIL's conversion. Raises ValueError for a mode PIL cannot
+    convert (``LAB``, ``HSV``).
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)  # (H, W); I;16B arrives big-endian, numpy swaps
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        unit = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64)), 0.0, 1.0)
+        return Image.fromarray(np.rint(unit * 255).astype(np.uint8), mode="L").convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # also un-premultiplies RGBa/La and applies P/L/RGB transparency keys
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*_WHITE, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes fully (a truncated file raises here, not later) into 8-bit RGB."""
+    img = Image.open(io.BytesIO(data))  # no `with`: closing would free the pixels to_rgb may return as they are
+    img.load()
+    return to_rgb(img)
 
 
 def _decode_tv(data: bytes) -> torch.Tensor:
+    """(3, H, W) uint8. torchvision decodes 8-bit colour JPEGs (its fast path); everything else goes
+    through :func:`to_rgb` so both decoders give the same pixels: torchvision hands out 16-bit PNGs as
+    uint16, palette PNGs as indices, and drops alpha instead of compositing it."""
     from torchvision.io import ImageReadMode, decode_image
 
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if data[:3] == _JPEG_MAGIC:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        if img.dtype == torch.uint8 and img.shape[0] == 3:
+            return img
+    return torch.from_numpy(np.array(decode_rgb(data))).permute(2, 0, 1)  # 'h w c -> c h w'
 
 
 def crop_resize(data: bytes, box_fn, size: tuple[int, int], flip: bool, decoder: Decoder) -> np.ndarray:
     """Decode ``data``, crop ``box_fn(h, w)``, resize to ``size`` (H, W), maybe flip: (H, W, 3) uint8."""
     if decoder == "pil":
-        img = _open_pil(data)
+        img = decode_rgb(data)
         top, left, ch, cw = box_fn(img.height, img.width)
         img = img.resize((size[1], size[0]), Image.BILINEAR, box=(left, top, left + cw, top + ch))
         if flip:

@@ -3,7 +3,15 @@
 Every writer goes through :func:`write_samples`: seeded train/val split, samples shuffled before they
 are written (a shard is a random mix of classes), webdataset's ``ShardWriter`` (``maxcount`` /
 ``maxsize``, members ``<key>.jpg|png|webp``, ``<key>.cls``, optional ``<key>.json``), a fixed tar
-mtime (the same input gives byte-identical shards), and the index written last and atomically.
+mtime (the same input gives byte-identical shards), and the index written last. The whole data set
+is written into a temporary directory beside ``out`` and renamed to ``out`` at the end: a failed or
+interrupted write (an exception, Ctrl-C, SIGTERM, a ``strict`` stop) leaves nothing half-written, and
+``overwrite`` replaces an existing data set only at that rename.
+
+ImageFolder and list-file sources decode every image fully (PIL's ``verify()`` passes truncated
+JPEGs). A file that cannot be written (not an image, truncated, a decompression bomb, an extension
+or pixel mode we cannot write) is skipped and counted by kind, with examples, in the log and in
+``out/_write_report.json``; ``strict=True`` stops at the first one instead.
 """
 
 from __future__ import annotations
@@ -12,27 +20,54 @@ import importlib.util
 import io
 import json
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import os
+import secrets
+import shutil
+import signal
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.data.errors import PreflightError
 from pipeline.data.index import INDEX_NAME, DataIndex, ShardInfo, SplitInfo, sha256_file, write_index
 from pipeline.data.synthetic import class_names, draw
+from pipeline.data.transforms import to_rgb
 
 log = logging.getLogger(__name__)
 
 ImageFormat = Literal["jpg", "png", "webp"]
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_FORMAT_EXT = {v: k for k, v in _PIL_FORMAT.items()}  # what the bytes really are -> member extension
 DEFAULT_SHARD_COUNT = 1000
 DEFAULT_SHARD_BYTES = 1 << 30
+REPORT_NAME = "_write_report.json"
+_EXAMPLES = 10  # examples kept per kind of skipped file
+
+# Why a file was skipped, as the report and the log explain it.
+SKIP_KINDS = {
+    "stray_file": "a file beside the class folders, not inside one",
+    "hidden_folder": "a folder whose name starts with '.' (not a class)",
+    "unsupported_extension": "not .jpg/.jpeg/.png/.webp (e.g. .txt, .DS_Store)",
+    "missing_file": "a list-file line naming a file that does not exist",
+    "unreadable_file": "the file could not be read",
+    "not_an_image": "PIL cannot identify it as an image (e.g. a text file named .jpg)",
+    "corrupt_image": "it does not decode to the end (truncated or damaged)",
+    "decompression_bomb": "more pixels than PIL's Image.MAX_IMAGE_PIXELS (a decompression bomb)",
+    "unsupported_format": "neither JPEG, PNG nor WebP inside (copied bytes must be one of these; --resize re-encodes)",
+    "unsupported_mode": "a pixel mode with no conversion to RGB",
+}
 
 
 @dataclass(frozen=True)
@@ -41,8 +76,73 @@ class Item:
 
     key: str
     label: int
-    render: Callable[[], tuple[bytes, str]]  # -> (image bytes, extension)
+    render: Callable[[], tuple[bytes, str]]  # -> (image bytes, extension); may raise BadImage
     meta: dict[str, Any] | None = None
+
+
+class BadImage(Exception):
+    """A source file that cannot become a sample: skipped and reported (or fatal with ``strict``)."""
+
+    def __init__(self, kind: str, where: str, detail: str) -> None:
+        assert kind in SKIP_KINDS, kind
+        super().__init__(f"{where}: {detail}")
+        self.kind, self.where, self.detail = kind, where, detail
+
+
+@dataclass
+class WriteReport:
+    """What an ImageFolder / list-file write skipped, by kind, with examples; saved as ``_write_report.json``."""
+
+    source: str
+    val_source: str | None = None
+    strict: bool = False
+    written: dict[str, int] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, bad: BadImage) -> None:
+        if self.strict:
+            raise PreflightError(
+                f"{bad.where}: {bad.detail} ({bad.kind}: {SKIP_KINDS[bad.kind]}); --strict stops at the first bad "
+                f"file and writes nothing: remove or fix it, or drop --strict to skip and report such files"
+            )
+        self.skipped[bad.kind] += 1
+        shown = self.examples.setdefault(bad.kind, [])
+        if len(shown) < _EXAMPLES:
+            shown.append(f"{bad.where}: {bad.detail}")
+
+    def summary(self) -> str:
+        written = ", ".join(f"{k} {v}" for k, v in self.written.items()) or "nothing"
+        if not self.skipped:
+            return f"wrote {written} images from {self.source}; no file skipped"
+        kinds = "; ".join(f"{k} {n} (e.g. {self.examples[k][0]})" for k, n in self.skipped.most_common())
+        return f"wrote {written} images from {self.source}; SKIPPED {sum(self.skipped.values())} files: {kinds}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "val_source": self.val_source,
+            "written": self.written,
+            "skipped_total": sum(self.skipped.values()),
+            "skipped": {
+                k: {"count": n, "why": SKIP_KINDS[k], "examples": self.examples[k]}
+                for k, n in self.skipped.most_common()
+            },
+        }
+
+    def save(self, root: Path) -> Path:
+        path = root / REPORT_NAME
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+
+
+def read_report(root: str | Path) -> dict[str, Any] | None:
+    """The ``_write_report.json`` of a data set written from images, or None (synthetic, digits, foreign)."""
+    path = Path(root) / REPORT_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def encode(array: np.ndarray, fmt: ImageFormat, quality: int) -> bytes:
@@ -51,45 +151,142 @@ def encode(array: np.ndarray, fmt: ImageFormat, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse to mix two data sets in one directory; with ``overwrite`` the index goes first."""
-    old = [p for p in out.glob("*.tar")] + ([out / INDEX_NAME] if (out / INDEX_NAME).exists() else [])
-    if old and not overwrite:
+def _is_dataset_file(name: str) -> bool:
+    return name.endswith(".tar") or name in (INDEX_NAME, REPORT_NAME) or name.startswith(f".{INDEX_NAME}.")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but a data set, and a data set without ``overwrite``."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PreflightError(f"--out {out} is a file; give a directory path for the data set")
+    names = sorted(p.name for p in out.iterdir())
+    ours = [n for n in names if _is_dataset_file(n)]
+    if ours and not overwrite:
         raise PreflightError(
-            f"{out} already holds a data set ({len(old)} files, e.g. {old[0].name}); pass --overwrite "
+            f"{out} already holds a data set ({len(ours)} files, e.g. {ours[0]}); pass --overwrite "
             f"(overwrite=True) to replace it, or choose another --out"
         )
-    if (out / INDEX_NAME).exists():
-        (out / INDEX_NAME).unlink()  # a crash from here on leaves no index, never a stale one
-    for p in old:
-        p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    other = [n for n in names if not _is_dataset_file(n)]
+    if other:
+        raise PreflightError(
+            f"{out} holds files that are not part of a shard data set ({', '.join(other[:3])}); a write replaces "
+            f"the whole directory, so choose a new or empty --out, or move those files out"
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    # pipeline/train/checkpoint.py:fsync_path does this one layer up; data must not import train.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh directory beside ``out``: renamed to ``out`` if the block ends normally, else removed."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.writing-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        raise PreflightError(
+            f"cannot create a temporary directory beside {out} ({e}); the writer builds the data set next to "
+            f"--out and renames it into place, so the folder holding --out must be writable"
+        ) from None
+    restore = _sigterm_as_exit()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        _check_out(out, overwrite)  # again: another write may have finished there meanwhile
+        _swap_in(tmp, out)
+    except BaseException:  # also Ctrl-C and SIGTERM (below): nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        restore()
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if out.exists():  # a data set being replaced (checked) or an empty directory
+        old = out.with_name(f".{out.name}.replaced-{secrets.token_hex(4)}")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+    _fsync_dir(out.parent)
+
+
+def _sigterm_as_exit() -> Callable[[], None]:
+    """While writing, SIGTERM (SLURM's time limit, `kill`) unwinds like Ctrl-C so the temporary data is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def exit_on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_term)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _write_split(
-    out: Path, split: str, items: Sequence[Item], *, max_count: int, max_bytes: int, bar: tqdm
-) -> list[ShardInfo]:
+    out: Path, split: str, items: Sequence[Item], *, max_count: int, max_bytes: int, bar: tqdm, report: WriteReport
+) -> tuple[list[ShardInfo], list[int], set[str]]:
+    """Write ``items`` as ``split-NNNNNN.tar``: (shards, labels written, image extensions written)."""
     shards: list[ShardInfo] = []
+    labels: list[int] = []
+    exts: set[str] = set()
     if not items:
-        return shards
+        return shards, labels, exts
     writer = wds.ShardWriter(
         str(out / f"{split}-%06d.tar"), maxcount=max_count, maxsize=max_bytes, verbose=0, encoder=False, mtime=0
     )
 
     def finished(fname: str) -> None:
         p = Path(fname)
+        if writer.count == 0:  # the split's every sample was skipped (ShardWriter opens its first tar at once)
+            p.unlink()
+            return
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the directory is renamed into place
         shards.append(ShardInfo(p.name, writer.count, p.stat().st_size, sha256_file(p)))
 
     writer.post = finished
     with writer:
         for item in items:
-            data, ext = item.render()
+            bar.update()
+            try:
+                data, ext = item.render()
+            except BadImage as bad:
+                report.skip(bad)
+                continue
             sample = {"__key__": item.key, ext: data, "cls": str(item.label).encode()}
             if item.meta is not None:
                 sample["json"] = json.dumps(item.meta).encode()
             writer.write(sample)
-            bar.update()
-    return shards
+            labels.append(item.label)
+            exts.add(ext)
+    return shards, labels, exts
+
+
+def _split(
+    items: Sequence[Item], val_items: Sequence[Item] | None, *, seed: int, val_frac: float
+) -> dict[str, list[Item]]:
+    order = np.random.default_rng([seed & (2**63 - 1), 0x5B17]).permutation(len(items))
+    if val_items is not None:  # a val set of its own: no hold-out from train
+        val_order = np.random.default_rng([seed & (2**63 - 1), 0x5B17, 1]).permutation(len(val_items))
+        return {"train": [items[i] for i in order], "val": [val_items[i] for i in val_order]}
+    n_val = int(round(len(items) * val_frac))
+    return {"train": [items[i] for i in order[n_val:]], "val": [items[i] for i in order[:n_val]]}
 
 
 def write_samples(
@@ -98,49 +295,67 @@ def write_samples(
     *,
     classes: Sequence[str],
     source: dict[str, Any],
-    image_format: str,
     image_size: tuple[int, int] | None,
     seed: int = 0,
     val_frac: float = 0.1,
+    val_items: Sequence[Item] | None = None,
     shard_max_count: int = DEFAULT_SHARD_COUNT,
     shard_max_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = False,
+    report: WriteReport | None = None,
 ) -> DataIndex:
-    """Split ``items`` (seeded), write train-*.tar / val-*.tar and the index; return the index."""
+    """Split ``items`` (seeded; or train = ``items``, val = ``val_items``), write the shards and the index.
+
+    With ``report`` (image sources), files that fail to render are skipped into it and it is saved
+    beside the index; the index's class counts and image format are those of what was written.
+    """
     if not 0 <= val_frac < 1:
         raise PreflightError(f"val_frac must be in [0, 1), got {val_frac}")
+    if val_items is not None and val_frac:
+        raise PreflightError("a separate val set and val_frac > 0 exclude each other: drop --val-frac")
     if shard_max_count < 1 or shard_max_bytes < 1:
         raise PreflightError("shard_max_count and shard_max_bytes must be >= 1")
     if not items:
         raise PreflightError(f"no samples to write to {out}: the source is empty")
     out = Path(out)
-    _prepare_out(out, overwrite)
-    order = np.random.default_rng([seed & (2**63 - 1), 0x5B17]).permutation(len(items))
-    n_val = int(round(len(items) * val_frac))
-    parts = {"val": [items[i] for i in order[:n_val]], "train": [items[i] for i in order[n_val:]]}
-    splits = {}
-    with tqdm(total=len(items), desc=f"writing {out}", unit="img", disable=not progress) as bar:
-        for name in ("train", "val"):
-            shards = _write_split(out, name, parts[name], max_count=shard_max_count, max_bytes=shard_max_bytes, bar=bar)
-            if shards:
-                counts = np.bincount([it.label for it in parts[name]], minlength=len(classes))
-                splits[name] = SplitInfo(name, tuple(shards), tuple(int(c) for c in counts))
-    index = DataIndex(
-        root=out,
-        classes=tuple(classes),
-        splits=splits,
-        image_format=image_format,
-        image_size=image_size,
-        source=source,
-        seed=seed,
-        val_frac=val_frac,
-    )
-    write_index(index)
+    _check_out(out, overwrite)  # before the work; _staged checks again before its rename
+    parts = _split(items, val_items, seed=seed, val_frac=val_frac)
+    tally = report if report is not None else WriteReport(source=str(source))
+    with _staged(out, overwrite) as tmp:
+        splits, exts = {}, set()
+        with tqdm(total=sum(map(len, parts.values())), desc=f"writing {out}", unit="img", disable=not progress) as bar:
+            for name, part in parts.items():
+                shards, labels, split_exts = _write_split(
+                    tmp, name, part, max_count=shard_max_count, max_bytes=shard_max_bytes, bar=bar, report=tally
+                )
+                if part:
+                    tally.written[name] = len(labels)
+                exts |= split_exts
+                if shards:
+                    counts = np.bincount(labels, minlength=len(classes))
+                    splits[name] = SplitInfo(name, tuple(shards), tuple(int(c) for c in counts))
+        if not splits:
+            raise PreflightError(f"nothing written to {out}: every sample was skipped. {tally.summary()}")
+        index = DataIndex(
+            root=tmp,
+            classes=tuple(classes),
+            splits=splits,
+            image_format="+".join(sorted(exts)),
+            image_size=image_size,
+            source=source,
+            seed=seed,
+            val_frac=val_frac,
+        )
+        write_index(index)
+        if report is not None:
+            report.save(tmp)
+    if report is not None:
+        (log.warning if report.skipped else log.info)("%s; report: %s", report.summary(), out / REPORT_NAME)
     log.info(
         "wrote %s: %s", out, ", ".join(f"{k} {v.samples} samples / {len(v.shards)} shards" for k, v in splits.items())
     )
-    return index
+    return replace(index, root=out)
 
 
 def write_synthetic(
@@ -179,7 +394,6 @@ def write_synthetic(
         [item(i) for i in range(n)],
         classes=class_names(classes),
         source=source,
-        image_format=image_format,
         image_size=(size, size),
         seed=seed,
         val_frac=val_frac,
@@ -219,7 +433,6 @@ def write_digits(
         [item(i) for i in range(len(pixels))],
         classes=[str(d) for d in range(10)],
         source={"kind": "digits", "size": size},
-        image_format=image_format,
         image_size=(size, size),
         seed=seed,
         val_frac=val_frac,
@@ -250,92 +463,144 @@ def write_imagefolder(
     out: str | Path,
     *,
     source: str | Path,
+    val_source: str | Path | None = None,
     seed: int = 0,
-    val_frac: float = 0.1,
+    val_frac: float | None = None,
     shard_max_count: int = DEFAULT_SHARD_COUNT,
     shard_max_bytes: int = DEFAULT_SHARD_BYTES,
     resize: int = 0,
     image_format: ImageFormat = "jpg",
     quality: int = 90,
+    strict: bool = False,
     overwrite: bool = False,
     progress: bool = False,
 ) -> DataIndex:
-    """Images from ``source/<class>/<img>`` or a ``path,label`` list file.
+    """Images from ``source/<class>/<img>`` or a list file (``path<TAB>label`` or ``path,label`` lines).
 
-    With ``resize=0`` the image bytes are copied as they are (checked to open); with ``resize=S`` each
-    image is re-encoded as ``image_format`` with its shorter side scaled to S.
+    ``val_source`` (a tree or list file, e.g. ImageNet's val folder beside its train folder) is the val
+    split, labelled with ``source``'s classes; no hold-out is taken from ``source`` then (``val_frac``
+    defaults to 0.1 without it). With ``resize=0`` each image's bytes are copied as they are (after a
+    full decode); with ``resize=S`` each image is converted to RGB (:func:`to_rgb`) and re-encoded as
+    ``image_format`` with its shorter side scaled to S. Files that cannot be written are skipped and
+    reported (``out/_write_report.json``, the log); ``strict`` stops at the first one and writes nothing.
     """
-    src = Path(source)
-    if src.is_dir():
-        entries, classes = _scan_tree(src)
-    elif src.is_file():
-        entries, classes = _read_list(src)
-    else:
-        raise PreflightError(f"image source {src} does not exist; pass an ImageFolder root or a path,label list file")
-
-    def item(i: int, path: Path, label: int) -> Item:
-        return Item(
-            f"img{i:09d}",
-            label,
-            lambda: _load_image(path, resize, image_format, quality),
-            {"path": str(path), "class": classes[label]},
+    if val_source is not None and val_frac:
+        raise PreflightError(
+            f"--val-source {val_source} is the val split; drop --val-frac {val_frac} (it would also hold out "
+            f"part of the train images)"
         )
+    src = Path(source)
+    report = WriteReport(source=str(src), val_source=None if val_source is None else str(val_source), strict=strict)
+    entries, classes = _read_source(src, report)
+    val_entries = None if val_source is None else _val_entries(Path(val_source), classes, report)
+    load = partial(_load_image, resize=resize, fmt=image_format, quality=quality)
 
-    items = [item(i, p, y) for i, (p, y) in enumerate(entries)]
-    fmt = image_format if resize else "+".join(sorted({IMAGE_SUFFIXES[p.suffix.lower()] for p, _ in entries}))
+    def items(prefix: str, rows: list[tuple[Path, int]]) -> list[Item]:
+        return [
+            Item(f"{prefix}{i:09d}", y, partial(load, p), {"path": str(p), "class": classes[y]})
+            for i, (p, y) in enumerate(rows)
+        ]
+
+    meta = {"kind": "imagefolder", "path": str(src)} | ({} if val_source is None else {"val_path": str(val_source)})
     return write_samples(
         out,
-        items,
+        items("img", entries),
+        val_items=None if val_entries is None else items("val", val_entries),
         classes=classes,
-        source={"kind": "imagefolder", "path": str(src)},
-        image_format=fmt,
+        source=meta,
         image_size=None,
         seed=seed,
-        val_frac=val_frac,
+        val_frac=0.0 if val_source is not None else (0.1 if val_frac is None else val_frac),
         shard_max_count=shard_max_count,
         shard_max_bytes=shard_max_bytes,
         overwrite=overwrite,
         progress=progress,
+        report=report,
     )
 
 
-def _scan_tree(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    stray = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+def _read_source(src: Path, report: WriteReport) -> tuple[list[tuple[Path, int]], list[str]]:
+    if src.is_dir():
+        return _scan_tree(src, report)
+    if src.is_file():
+        return _read_list(src, report)
+    raise PreflightError(f"image source {src} does not exist; pass an ImageFolder root or a path<TAB>label list file")
+
+
+def _val_entries(src: Path, train_classes: list[str], report: WriteReport) -> list[tuple[Path, int]]:
+    """The val source's images, labelled by class name with the train source's class indices."""
+    entries, classes = _read_source(src, report)
+    label_of = {name: i for i, name in enumerate(train_classes)}
+    unknown = [c for c in classes if c not in label_of]
+    if unknown:
+        raise PreflightError(
+            f"{src}: val class {unknown[0]!r} is not a train class ({len(unknown)} such: {', '.join(unknown[:5])}); "
+            f"the train source has {len(train_classes)} classes ({', '.join(train_classes[:5])}...): the val "
+            f"source must use the train source's class names"
+        )
+    return [(p, label_of[classes[y]]) for p, y in entries]
+
+
+def _scan_tree(root: Path, report: WriteReport) -> tuple[list[tuple[Path, int]], list[str]]:
+    top = sorted(root.iterdir())
+    stray = [p.name for p in top if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if stray:
         raise PreflightError(
             f"{root}: images directly in the root ({', '.join(stray[:3])}); an ImageFolder tree keeps each "
-            f"class in its own folder: {root}/<class>/<image>"
+            f"class in its own folder: {root}/<class>/<image> (ImageNet's val folder comes flat: sort it into "
+            f"class folders, or list it in a path<TAB>label file and pass that)"
         )
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    for p in top:
+        if p.is_file():
+            report.skip(BadImage("stray_file", str(p), "not inside a class folder"))
+        elif p.is_dir() and p.name.startswith("."):
+            report.skip(BadImage("hidden_folder", str(p), "not read as a class"))
+    classes = [p.name for p in top if p.is_dir() and not p.name.startswith(".")]
     if not classes:
         raise PreflightError(f"{root}: no class folders; expected {root}/<class>/<image>.jpg")
     entries = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file())
+        for p in files:
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                report.skip(BadImage("unsupported_extension", str(p), f"extension {p.suffix or '(none)'!r}"))
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            others = f" (it holds {len(files)} other files, e.g. {files[0].name})" if files else ""
             raise PreflightError(
-                f"{root / name}: class folder with no .jpg/.jpeg/.png/.webp image; add images or remove it"
+                f"{root / name}: class folder with no .jpg/.jpeg/.png/.webp image{others}; add images or remove it"
             )
-        entries += [(p, label) for p in files]
+        entries += [(p, label) for p in images]
     return entries, classes
 
 
-def _read_list(file: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """``path,label`` lines (``#`` comments and blank lines skipped); labels all integers or all names."""
+def _split_line(line: str) -> tuple[str, str, bool]:
+    """``path<TAB>label`` when the line has a TAB (labels may then hold commas), else ``path,label`` at
+    the last comma (paths may hold commas): (path, label, found)."""
+    path, sep, label = line.rpartition("\t" if "\t" in line else ",")
+    return path.strip(), label.strip(), bool(sep)
+
+
+def _read_list(file: Path, report: WriteReport) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``path<TAB>label`` or ``path,label`` lines (``#`` comments and blank lines skipped); relative
+    paths from the list's folder; labels all integers (class indices) or all class names."""
     rows = []
     for n, line in enumerate(file.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        path, sep, label = line.rpartition(",")
-        if not sep or not path.strip() or not label.strip():
-            raise PreflightError(f"{file}:{n}: expected 'path,label', got {line!r}")
-        p = Path(path.strip())
+        path, label, found = _split_line(line)
+        if not found or not path or not label:
+            raise PreflightError(f"{file}:{n}: expected 'path<TAB>label' or 'path,label', got {line!r}")
+        p = Path(path)
         p = p if p.is_absolute() else file.parent / p
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise PreflightError(f"{file}:{n}: {p} is not an existing .jpg/.jpeg/.png/.webp file")
-        rows.append((n, p, label.strip()))
+        if not p.is_file():
+            report.skip(BadImage("missing_file", f"{file}:{n}", f"{p} is not an existing file"))
+        elif p.suffix.lower() not in IMAGE_SUFFIXES:
+            report.skip(BadImage("unsupported_extension", f"{file}:{n}", f"{p} is not a .jpg/.jpeg/.png/.webp file"))
+        else:
+            rows.append((n, p, label))
     if not rows:
-        raise PreflightError(f"{file}: no 'path,label' lines")
+        raise PreflightError(f"{file}: no 'path<TAB>label' line names an existing image. {report.summary()}")
     numeric = [r for r in rows if r[2].isdigit()]
     if numeric and len(numeric) != len(rows):
         n, _, label = next(r for r in rows if not r[2].isdigit())
@@ -347,18 +612,43 @@ def _read_list(file: Path) -> tuple[list[tuple[Path, int]], list[str]]:
         classes = [str(i) for i in range(max(int(r[2]) for r in rows) + 1)]
         return [(p, int(label)) for _, p, label in rows], classes
     classes = sorted({r[2] for r in rows})
-    return [(p, classes.index(label)) for _, p, label in rows], classes
+    label_of = {name: i for i, name in enumerate(classes)}
+    return [(p, label_of[label]) for _, p, label in rows], classes
 
 
-def _load_image(path: Path, resize: int, fmt: ImageFormat, quality: int) -> tuple[bytes, str]:
+def _decode_fully(data: bytes, where: str) -> Image.Image:
+    """Open and decode every pixel; a decompression bomb (PIL's warning too, not only its error) is bad."""
     try:
-        with Image.open(path) as img:
-            if not resize:
-                img.verify()  # catch a broken source image now, not mid-training
-                return path.read_bytes(), IMAGE_SUFFIXES[path.suffix.lower()]
-            img = img.convert("RGB")
-            scale = resize / min(img.size)
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-            return encode(np.asarray(img), fmt, quality), fmt
-    except (OSError, SyntaxError, ValueError) as e:
-        raise PreflightError(f"{path}: not a readable image ({e}); remove it from the source or replace it") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()  # verify() alone passes a truncated JPEG
+            return img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage("decompression_bomb", where, str(e)) from None
+    except UnidentifiedImageError:
+        raise BadImage("not_an_image", where, "PIL cannot identify an image in it") from None
+    except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, EOFError, ... on bad bytes
+        raise BadImage("corrupt_image", where, f"{type(e).__name__}: {e}") from None
+
+
+def _load_image(path: Path, *, resize: int, fmt: ImageFormat, quality: int) -> tuple[bytes, str]:
+    """(bytes, member extension) for one source file; raises :class:`BadImage` for a file to skip."""
+    where = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadImage("unreadable_file", where, f"{type(e).__name__}: {e.strerror or e}") from None
+    img = _decode_fully(data, where)
+    try:
+        rgb = to_rgb(img)  # also when the bytes are copied: a mode we cannot convert would fail in training
+    except ValueError as e:
+        raise BadImage("unsupported_mode", where, f"mode {img.mode}: {e}") from None
+    if not resize:
+        ext = _FORMAT_EXT.get(img.format or "")
+        if ext is None:
+            raise BadImage("unsupported_format", where, f"{img.format} data under a {path.suffix} name")
+        return data, ext  # the extension of what the bytes are, whatever the file is called
+    scale = resize / min(rgb.size)
+    rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC)
+    return encode(np.asarray(rgb), fmt, quality), fmt

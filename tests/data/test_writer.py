@@ -93,7 +93,7 @@ def test_list_file_labels_and_its_errors(tmp_path):
         write_imagefolder(tmp_path / "o2", source=bad)
     bad.write_text("src/blue/0.jpg,1\nsrc/nope.jpg,0\n")
     with pytest.raises(PreflightError, match=r"bad.txt:2: .*nope.jpg is not an existing"):
-        write_imagefolder(tmp_path / "o3", source=bad)
+        write_imagefolder(tmp_path / "o3", source=bad, strict=True)
     with pytest.raises(PreflightError, match="does not exist"):
         write_imagefolder(tmp_path / "o4", source=tmp_path / "missing")
     (tmp_path / "src" / "empty").mkdir()
@@ -101,8 +101,8 @@ def test_list_file_labels_and_its_errors(tmp_path):
         write_imagefolder(tmp_path / "o5", source=tmp_path / "src")
     (tmp_path / "src" / "empty").rmdir()
     (tmp_path / "src" / "red" / "2.jpg").write_bytes(b"not an image")
-    with pytest.raises(PreflightError, match="2.jpg: not a readable image"):
-        write_imagefolder(tmp_path / "o6", source=tmp_path / "src")
+    with pytest.raises(PreflightError, match="2.jpg: PIL cannot identify an image in it"):
+        write_imagefolder(tmp_path / "o6", source=tmp_path / "src", strict=True)
 
 
 def test_synthetic_classes_are_separable_by_colour(synthetic_shards):
