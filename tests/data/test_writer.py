@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import signal
+import struct
+import subprocess
+import sys
 import tarfile
+import time
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +20,7 @@ from PIL import Image
 
 from pipeline.data import PreflightError, build_val_loader, read_index, write_imagefolder, write_synthetic
 from pipeline.data.index import sha256_file
+from pipeline.data.transforms import _decode_tv, decode_rgb
 from tests.data.conftest import SIZE, data_cfg, split_keys
 from tests.fixtures.shards import SYNTHETIC
 
@@ -114,3 +124,256 @@ def test_synthetic_classes_are_separable_by_colour(synthetic_shards):
     centroids = [means[labels == c].mean(0) for c in range(SYNTHETIC["classes"])]
     nearest = [min(range(4), key=lambda c: float((m - centroids[c]).norm())) for m in means]
     assert np.mean(np.array(nearest) == labels.numpy()) > 0.9
+
+
+# --- bad files, odd pixel modes, staged writes, a separate val source -------------------------------------------
+
+
+def _png(width: int, height: int, *, bit_depth: int, color_type: int, rows: bytes = b"") -> bytes:
+    """A PNG written by hand: chunks are length, type, data, CRC (RFC 2083); PIL never sees the pixels first."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _png16(values: np.ndarray) -> bytes:
+    """A 16-bit PNG of ``values`` (H, W) grey or (H, W, 3) RGB; every row starts with filter type 0."""
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in values)
+    return _png(values.shape[1], values.shape[0], bit_depth=16, color_type=0 if values.ndim == 2 else 2, rows=rows)
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+RAMP16 = (np.arange(48, dtype=np.int64).reshape(6, 8) * 1393 + 11).astype(
+    np.uint16
+)  # 11 .. 65482, not multiples of 257
+GREY16 = 4000  # PIL's convert("RGB") clips this to 255; scaled it is round(4000 / 257) = 16
+
+
+def _bad_tree(root: Path) -> None:
+    """Two classes of good images in odd modes, and every kind of file the writer must skip."""
+    rng = np.random.default_rng(0)
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(root / "a" / f"good{i}.jpg", quality=95)
+    (root / "b" / "grey16.png").write_bytes(_png16(np.full((10, 12), GREY16, dtype=np.uint16)))
+    (root / "b" / "ramp16.png").write_bytes(_png16(RAMP16))
+    (root / "b" / "rgb16.png").write_bytes(_png16(np.stack([np.full((4, 4), k * 257) for k in (200, 30, 7)], -1)))
+    (root / "b" / "cmyk.jpg").write_bytes(_jpeg(Image.new("CMYK", (16, 16), (0, 255, 255, 0))))  # red
+    pal = Image.new("P", (4, 2), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)  # index 0 red, index 1 black and transparent
+    pal.putpixel((0, 0), 1)
+    pal.save(root / "b" / "pal.png", transparency=1)
+    # to skip:
+    (root / "a" / "fake.jpg").write_text("not a JPEG, a text file with the wrong name\n")
+    whole = _jpeg(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)))
+    (root / "a" / "trunc.jpg").write_bytes(whole[: len(whole) * 2 // 3])  # PIL's verify() passes this one
+    (root / "b" / "bomb.png").write_bytes(_png(100_000, 100_000, bit_depth=8, color_type=0))  # DecompressionBombError
+    (root / "b" / "bomb_warn.png").write_bytes(_png(10_000, 10_000, bit_depth=8, color_type=0))  # only PIL's warning
+    (root / "a" / "notes.txt").write_text("labels were checked by hand\n")
+    (root / "b" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+
+
+def _members(out: Path, split: str = "train") -> dict[str, bytes]:
+    """Source file name -> image bytes, for every sample of ``split`` (read from the tar files)."""
+    index, found = read_index(out), {}
+    for shard in index.split(split).shards:
+        with tarfile.open(out / shard.name) as tf:
+            files = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        for name, data in files.items():
+            if name.endswith(".json"):
+                key = name[: -len(".json")]
+                image = next(v for k, v in files.items() if k.startswith(key + ".") and k.split(".")[-1] in IMG_EXT)
+                found[Path(json.loads(data)["path"]).name] = image
+    return found
+
+
+IMG_EXT = {"jpg", "png", "webp"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.data.shards", "write", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".writing-" in p.name or ".replaced-" in p.name)
+
+
+def test_write_skips_and_reports_bad_files_and_converts_odd_modes(tmp_path):
+    _bad_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    run = _cli("--out", str(out), str(tmp_path / "src"), "--val-frac", "0")
+    assert run.returncode == 0, run.stderr
+    assert "SKIPPED 7 files" in run.stderr and "decompression_bomb 2" in run.stderr  # printed, never silent
+    assert f"report of written and skipped files in {out / '_write_report.json'}" in run.stdout
+    report = json.loads((out / "_write_report.json").read_text())
+    assert {k: v["count"] for k, v in report["skipped"].items()} == {
+        "decompression_bomb": 2,
+        "unsupported_extension": 2,
+        "not_an_image": 1,
+        "corrupt_image": 1,
+        "stray_file": 1,
+    }
+    assert report["written"] == {"train": 9} and report["skipped_total"] == 7
+    examples = {k: " ".join(v["examples"]) for k, v in report["skipped"].items()}
+    assert "fake.jpg: PIL cannot identify" in examples["not_an_image"]
+    assert "trunc.jpg: OSError: image file is truncated" in examples["corrupt_image"]
+    assert "bomb.png" in examples["decompression_bomb"] and "bomb_warn.png" in examples["decompression_bomb"]
+    assert "notes.txt" in examples["unsupported_extension"] and ".DS_Store" in examples["unsupported_extension"]
+    index = read_index(out)
+    assert index.split("train").class_counts == (4, 5) and index.image_format == "jpg+png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary directory left
+
+    # the 16-bit images as the loader decodes the copied bytes, with both decoders, pixel for pixel
+    files = _members(out)
+    assert set(files) == {f"good{i}.jpg" for i in range(4)} | {"grey16.png", "ramp16.png", "rgb16.png", "cmyk.jpg",
+                                                              "pal.png"}  # fmt: skip
+    assert files["ramp16.png"] == (tmp_path / "src" / "b" / "ramp16.png").read_bytes()  # copied, not re-encoded
+    want = np.round(RAMP16 / 257).astype(np.uint8)
+    for decode in (lambda d: np.asarray(decode_rgb(d)), lambda d: _decode_tv(d).permute(1, 2, 0).numpy()):
+        ramp = decode(files["ramp16.png"])
+        assert ramp.shape == (6, 8, 3) and (ramp == want[..., None]).all()
+        assert (decode(files["rgb16.png"]) == [200, 30, 7]).all()
+        assert np.abs(decode(files["cmyk.jpg"]).astype(int) - [255, 0, 0]).max() <= 3
+        pal = decode(files["pal.png"])
+        assert pal[0, 0].tolist() == [255, 255, 255] and pal[1, 1].tolist() == [255, 0, 0]  # transparent -> white
+
+    # and through the real loader: the uniform 16-bit image arrives as 16 in every pixel, not as 255
+    for decoder in ("pil", "torchvision"):
+        cfg = data_cfg(out, num_workers=0, val_split="train", decoder=decoder, mean=(0, 0, 0), std=(1, 1, 1))
+        val = build_val_loader(cfg, rank=0, world_size=1, batch_size=16, image_size=SIZE, with_keys=True)
+        images, labels, keys = next(iter(val))
+        paths = {i: json.loads(_meta_of(out, "train", k))["path"] for i, k in enumerate(keys) if k}  # "": padding
+        grey = [i for i, p in paths.items() if p.endswith("grey16.png")]
+        assert len(paths) == 9
+        assert len(grey) == 1 and labels[grey[0]] == 1
+        assert (images[grey[0]] * 255).round().unique().tolist() == [round(GREY16 / 257)]
+
+
+def test_strict_aborts_and_leaves_nothing(tmp_path):
+    _bad_tree(tmp_path / "src")
+    run = _cli("--out", str(tmp_path / "out"), str(tmp_path / "src"), "--strict")
+    assert run.returncode == 1
+    assert f"error: {tmp_path / 'src' / '.DS_Store'}: not inside a class folder (stray_file" in run.stderr
+    assert "--strict stops at the first bad file and writes nothing" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # a bad image found only while writing (after the scan) also leaves nothing behind
+    (tmp_path / "src" / ".DS_Store").unlink()
+    for p in [*(tmp_path / "src").rglob("*.txt"), *(tmp_path / "src").rglob(".DS_Store")]:
+        p.unlink()
+    run = _cli("--out", str(tmp_path / "out"), str(tmp_path / "src"), "--strict", "--val-frac", "0")
+    assert run.returncode == 1 and "--strict stops at the first bad file" in run.stderr
+    assert any(kind in run.stderr for kind in ("(not_an_image", "(corrupt_image", "(decompression_bomb"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_failed_write_keeps_the_previous_data_set(tmp_path, monkeypatch):
+    from pipeline.data import writer
+
+    _tree(tmp_path / "src", {"blue": 6, "red": 4})
+    out = tmp_path / "out"
+    before = write_imagefolder(out, source=tmp_path / "src", val_frac=0.0)
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken_index(index):
+        raise RuntimeError("disk full (injected)")
+
+    monkeypatch.setattr(writer, "write_index", broken_index)  # fails after every shard was written
+    with pytest.raises(RuntimeError, match="injected"):
+        write_imagefolder(out, source=tmp_path / "src", val_frac=0.5, overwrite=True)
+    monkeypatch.undo()
+    calls, real_load = [], writer._load_image
+
+    def interrupted(path, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the shards
+        return real_load(path, **kw)
+
+    monkeypatch.setattr(writer, "_load_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_imagefolder(out, source=tmp_path / "src", val_frac=0.5, overwrite=True)
+    monkeypatch.undo()
+    assert len(calls) == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot and _leftovers(tmp_path) == []
+    assert read_index(out).split("train").samples == before.split("train").samples == 10
+    # a successful overwrite replaces it as a whole, at the end
+    after = write_imagefolder(out, source=tmp_path / "src", val_frac=0.5, overwrite=True, seed=3)
+    assert (after.split("train").samples, after.split("val").samples) == (5, 5)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_info.json", "_write_report.json", "train-000000.tar", "val-000000.tar"
+    ]  # fmt: skip
+    assert _leftovers(tmp_path) == []
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(PreflightError, match=r"holds files that are not part of a shard data set \(notes.md\)"):
+        write_imagefolder(out, source=tmp_path / "src", overwrite=True)
+    assert (out / "notes.md").read_text() == "mine" and (out / "_info.json").is_file()
+
+
+def test_sigterm_mid_write_leaves_nothing(tmp_path):
+    src = tmp_path / "src"
+    (src / "x").mkdir(parents=True)
+    noise = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for i in range(1500):
+        Image.fromarray(np.roll(noise, i)).save(src / "x" / f"{i:04d}.png", compress_level=0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.data.shards", "write", "--out", str(tmp_path / "out"), str(src),
+         "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not _leftovers(tmp_path) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert _leftovers(tmp_path), "the write never started its temporary directory"
+    time.sleep(0.05)  # into the shards (decoding 1,500 images takes far longer)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_val_source_is_the_val_split(tmp_path):
+    _tree(tmp_path / "train", {"blue": 6, "red": 4})
+    _tree(tmp_path / "val", {"blue": 2, "red": 3})
+    out = tmp_path / "out"
+    run = _cli("--out", str(out), str(tmp_path / "train"), "--val-source", str(tmp_path / "val"))
+    assert run.returncode == 0, run.stderr
+    index = read_index(out)
+    assert index.classes == ("blue", "red") and index.val_frac == 0.0
+    assert index.source == {"kind": "imagefolder", "path": str(tmp_path / "train"), "val_path": str(tmp_path / "val")}
+    assert (index.split("train").class_counts, index.split("val").class_counts) == ((6, 4), (2, 3))
+    val_paths = {json.loads(_meta_of(out, "val", k))["path"] for k in split_keys(out, "val")}
+    assert val_paths == {str(p) for p in (tmp_path / "val").rglob("*.*")}
+    train_paths = {json.loads(_meta_of(out, "train", k))["path"] for k in split_keys(out, "train")}
+    assert train_paths == {str(p) for p in (tmp_path / "train").rglob("*.*")}  # nothing held out
+    # a val tree with fewer classes is fine (labelled by name); one with a class train lacks is an error naming it
+    shutil.rmtree(tmp_path / "val" / "blue")
+    only_red = write_imagefolder(tmp_path / "o2", source=tmp_path / "train", val_source=tmp_path / "val")
+    assert only_red.split("val").class_counts == (0, 3)
+    _tree(tmp_path / "val", {"green": 1})
+    run = _cli("--out", str(tmp_path / "o3"), str(tmp_path / "train"), "--val-source", str(tmp_path / "val"))
+    assert run.returncode == 1 and "val class 'green' is not a train class (1 such: green)" in run.stderr
+    with pytest.raises(PreflightError, match="drop --val-frac 0.2"):
+        write_imagefolder(tmp_path / "o4", source=tmp_path / "train", val_source=tmp_path / "val", val_frac=0.2)
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()
+
+
+def _meta_of(out: Path, split: str, key: str) -> bytes:
+    for shard in read_index(out).split(split).shards:
+        with tarfile.open(out / shard.name) as tf:
+            if f"{key}.json" in tf.getnames():
+                return tf.extractfile(f"{key}.json").read()
+    raise KeyError(key)
