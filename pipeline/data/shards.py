@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline.data.errors import PreflightError
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--strict", action="store_true", help="imagefolder: stop at the first bad file (default: skip and report it)"
+    )
+    w.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, len(os.sched_getaffinity(0))),
+        help="imagefolder: processes that decode the images (default: the CPUs this job may use, at most 8)",
     )
     w.add_argument("--out", required=True, help="output directory")
     w.add_argument("--synthetic", type=int, metavar="N", help="N procedurally drawn, learnable images")
@@ -93,6 +100,7 @@ def _write(a: argparse.Namespace) -> None:
             source=a.source,
             val_source=a.val_source,
             strict=a.strict,
+            workers=a.workers,
             resize=a.resize,
             val_frac=a.val_frac,
             **common,

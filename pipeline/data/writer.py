@@ -20,14 +20,16 @@ import importlib.util
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
 import secrets
 import shutil
 import signal
 import threading
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -87,6 +89,9 @@ class BadImage(Exception):
         assert kind in SKIP_KINDS, kind
         super().__init__(f"{where}: {detail}")
         self.kind, self.where, self.detail = kind, where, detail
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled from a render worker; Exception's default loses the fields
+        return BadImage, (self.kind, self.where, self.detail)
 
 
 @dataclass
@@ -238,8 +243,70 @@ def _sigterm_as_exit() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+Rendered = tuple[bytes, str] | BadImage
+_CHUNK = 16  # renders per task sent to a worker process
+
+
+def _render_all(renders: Sequence[Callable[[], tuple[bytes, str]]]) -> list[Rendered]:
+    out: list[Rendered] = []
+    for render in renders:
+        try:
+            out.append(render())
+        except BadImage as bad:
+            out.append(bad)
+    return out
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle (it stops the pool)
+
+
+def _rendered(items: Sequence[Item], pool: ProcessPoolExecutor | None, workers: int) -> Iterator[Rendered]:
+    """Each item's render result, in order (the shards stay byte-identical whatever ``workers`` is).
+
+    At most 2 x ``workers`` chunks are in flight, so memory stays bounded on millions of images.
+    """
+    if pool is None:
+        for item in items:
+            yield from _render_all([item.render])
+        return
+    window: deque[Future[list[Rendered]]] = deque()
+    try:
+        for i in range(0, len(items), _CHUNK):
+            window.append(pool.submit(_render_all, [it.render for it in items[i : i + _CHUNK]]))
+            if len(window) >= 2 * workers:
+                yield from window.popleft().result()
+        while window:
+            yield from window.popleft().result()
+    finally:
+        for future in window:
+            future.cancel()
+
+
+@contextmanager
+def _render_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    if workers <= 0:
+        yield None
+        return
+    # forkserver, as the loader's workers: forking a process that runs threads (tqdm's) can deadlock
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_ignore_sigint)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _write_split(
-    out: Path, split: str, items: Sequence[Item], *, max_count: int, max_bytes: int, bar: tqdm, report: WriteReport
+    out: Path,
+    split: str,
+    items: Sequence[Item],
+    *,
+    max_count: int,
+    max_bytes: int,
+    bar: tqdm,
+    report: WriteReport,
+    pool: ProcessPoolExecutor | None = None,
+    workers: int = 0,
 ) -> tuple[list[ShardInfo], list[int], set[str]]:
     """Write ``items`` as ``split-NNNNNN.tar``: (shards, labels written, image extensions written)."""
     shards: list[ShardInfo] = []
@@ -262,13 +329,12 @@ def _write_split(
 
     writer.post = finished
     with writer:
-        for item in items:
+        for item, rendered in zip(items, _rendered(items, pool, workers), strict=True):
             bar.update()
-            try:
-                data, ext = item.render()
-            except BadImage as bad:
-                report.skip(bad)
+            if isinstance(rendered, BadImage):
+                report.skip(rendered)
                 continue
+            data, ext = rendered
             sample = {"__key__": item.key, ext: data, "cls": str(item.label).encode()}
             if item.meta is not None:
                 sample["json"] = json.dumps(item.meta).encode()
@@ -304,11 +370,13 @@ def write_samples(
     overwrite: bool = False,
     progress: bool = False,
     report: WriteReport | None = None,
+    workers: int = 0,
 ) -> DataIndex:
     """Split ``items`` (seeded; or train = ``items``, val = ``val_items``), write the shards and the index.
 
     With ``report`` (image sources), files that fail to render are skipped into it and it is saved
     beside the index; the index's class counts and image format are those of what was written.
+    ``workers`` > 0 renders (decodes, re-encodes) in that many processes; renders must then pickle.
     """
     if not 0 <= val_frac < 1:
         raise PreflightError(f"val_frac must be in [0, 1), got {val_frac}")
@@ -322,12 +390,20 @@ def write_samples(
     _check_out(out, overwrite)  # before the work; _staged checks again before its rename
     parts = _split(items, val_items, seed=seed, val_frac=val_frac)
     tally = report if report is not None else WriteReport(source=str(source))
-    with _staged(out, overwrite) as tmp:
+    with _staged(out, overwrite) as tmp, _render_pool(workers) as pool:
         splits, exts = {}, set()
         with tqdm(total=sum(map(len, parts.values())), desc=f"writing {out}", unit="img", disable=not progress) as bar:
             for name, part in parts.items():
                 shards, labels, split_exts = _write_split(
-                    tmp, name, part, max_count=shard_max_count, max_bytes=shard_max_bytes, bar=bar, report=tally
+                    tmp,
+                    name,
+                    part,
+                    max_count=shard_max_count,
+                    max_bytes=shard_max_bytes,
+                    bar=bar,
+                    report=tally,
+                    pool=pool,
+                    workers=workers,
                 )
                 if part:
                     tally.written[name] = len(labels)
@@ -472,6 +548,7 @@ def write_imagefolder(
     image_format: ImageFormat = "jpg",
     quality: int = 90,
     strict: bool = False,
+    workers: int = 0,
     overwrite: bool = False,
     progress: bool = False,
 ) -> DataIndex:
@@ -483,12 +560,14 @@ def write_imagefolder(
     full decode); with ``resize=S`` each image is converted to RGB (:func:`to_rgb`) and re-encoded as
     ``image_format`` with its shorter side scaled to S. Files that cannot be written are skipped and
     reported (``out/_write_report.json``, the log); ``strict`` stops at the first one and writes nothing.
+    ``workers`` processes decode (the full decode costs milliseconds per image; 0: in this process).
     """
     if val_source is not None and val_frac:
         raise PreflightError(
             f"--val-source {val_source} is the val split; drop --val-frac {val_frac} (it would also hold out "
             f"part of the train images)"
         )
+    _check_out(Path(out), overwrite)  # before a scan of a million files, not after
     src = Path(source)
     report = WriteReport(source=str(src), val_source=None if val_source is None else str(val_source), strict=strict)
     entries, classes = _read_source(src, report)
@@ -516,6 +595,7 @@ def write_imagefolder(
         overwrite=overwrite,
         progress=progress,
         report=report,
+        workers=workers,
     )
 
 

@@ -216,7 +216,7 @@ def _leftovers(parent: Path) -> list[str]:
 def test_write_skips_and_reports_bad_files_and_converts_odd_modes(tmp_path):
     _bad_tree(tmp_path / "src")
     out = tmp_path / "out"
-    run = _cli("--out", str(out), str(tmp_path / "src"), "--val-frac", "0")
+    run = _cli("--out", str(out), str(tmp_path / "src"), "--val-frac", "0", "--workers", "2")
     assert run.returncode == 0, run.stderr
     assert "SKIPPED 7 files" in run.stderr and "decompression_bomb 2" in run.stderr  # printed, never silent
     assert f"report of written and skipped files in {out / '_write_report.json'}" in run.stdout
@@ -237,6 +237,8 @@ def test_write_skips_and_reports_bad_files_and_converts_odd_modes(tmp_path):
     index = read_index(out)
     assert index.split("train").class_counts == (4, 5) and index.image_format == "jpg+png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary directory left
+    again = write_imagefolder(tmp_path / "again", source=tmp_path / "src", val_frac=0.0, workers=0)
+    assert [s.sha256 for s in again.split("train").shards] == [s.sha256 for s in index.split("train").shards]
 
     # the 16-bit images as the loader decodes the copied bytes, with both decoders, pixel for pixel
     files = _members(out)
@@ -275,7 +277,7 @@ def test_strict_aborts_and_leaves_nothing(tmp_path):
     (tmp_path / "src" / ".DS_Store").unlink()
     for p in [*(tmp_path / "src").rglob("*.txt"), *(tmp_path / "src").rglob(".DS_Store")]:
         p.unlink()
-    run = _cli("--out", str(tmp_path / "out"), str(tmp_path / "src"), "--strict", "--val-frac", "0")
+    run = _cli("--out", str(tmp_path / "out"), str(tmp_path / "src"), "--strict", "--val-frac", "0", "--workers", "2")
     assert run.returncode == 1 and "--strict stops at the first bad file" in run.stderr
     assert any(kind in run.stderr for kind in ("(not_an_image", "(corrupt_image", "(decompression_bomb"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
