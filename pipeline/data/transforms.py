@@ -88,8 +88,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     [0, 1]. Transparency (``RGBA``, ``LA``, ``PA``, ``P`` or ``RGB`` with a ``transparency`` key) is
     composited over white, as a viewer shows it and as img2dataset's resizer does; dropping alpha
     would keep whatever colour an editor left under transparent pixels (often black). ``CMYK``,
-    ``YCbCr``, ``1``, ``L`` and ``P`` use PIL's conversion. Raises ValueError for a mode PIL cannot
-    convert (``LAB``, ``HSV``).
+    ``YCbCr``, ``LAB``, ``HSV``, ``1``, ``L`` and ``P`` use PIL's conversion. Raises ValueError for a
+    mode PIL cannot convert.
     """
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
@@ -101,7 +101,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         unit = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64)), 0.0, 1.0)
         return Image.fromarray(np.rint(unit * 255).astype(np.uint8), mode="L").convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in img.info:
-        rgba = img.convert("RGBA")  # also un-premultiplies RGBa/La and applies P/L/RGB transparency keys
+        straight = img.convert("LA") if mode == "La" else img  # PIL has La -> LA, not La -> RGBA
+        rgba = straight.convert("RGBA")  # also un-premultiplies RGBa and applies P/L/RGB transparency keys
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*_WHITE, 255)), rgba).convert("RGB")
     return img.convert("RGB")
 

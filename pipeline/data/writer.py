@@ -117,7 +117,7 @@ class WriteReport:
             shown.append(f"{bad.where}: {bad.detail}")
 
     def summary(self) -> str:
-        written = ", ".join(f"{k} {v}" for k, v in self.written.items()) or "nothing"
+        written = ", ".join(f"{k} {v}" for k, v in self.written.items()) or "no"
         if not self.skipped:
             return f"wrote {written} images from {self.source}; no file skipped"
         kinds = "; ".join(f"{k} {n} (e.g. {self.examples[k][0]})" for k, n in self.skipped.most_common())
@@ -674,7 +674,8 @@ def _read_list(file: Path, report: WriteReport) -> tuple[list[tuple[Path, int]],
         p = Path(path)
         p = p if p.is_absolute() else file.parent / p
         if not p.is_file():
-            report.skip(BadImage("missing_file", f"{file}:{n}", f"{p} is not an existing file"))
+            hint = "" if "\t" in line else " (split at the last comma; put a TAB between path and label)"
+            report.skip(BadImage("missing_file", f"{file}:{n}", f"{p} is not an existing file{hint}"))
         elif p.suffix.lower() not in IMAGE_SUFFIXES:
             report.skip(BadImage("unsupported_extension", f"{file}:{n}", f"{p} is not a .jpg/.jpeg/.png/.webp file"))
         else:

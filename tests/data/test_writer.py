@@ -20,7 +20,8 @@ from PIL import Image
 
 from pipeline.data import PreflightError, build_val_loader, read_index, write_imagefolder, write_synthetic
 from pipeline.data.index import sha256_file
-from pipeline.data.transforms import _decode_tv, decode_rgb
+from pipeline.data.transforms import _decode_tv, decode_rgb, to_rgb
+from pipeline.data.writer import read_report
 from tests.data.conftest import SIZE, data_cfg, split_keys
 from tests.fixtures.shards import SYNTHETIC
 
@@ -379,3 +380,70 @@ def _meta_of(out: Path, split: str, key: str) -> bytes:
             if f"{key}.json" in tf.getnames():
                 return tf.extractfile(f"{key}.json").read()
     raise KeyError(key)
+
+
+def test_to_rgb_scales_wide_modes_and_composites_alpha_over_white():
+    def px(img: Image.Image) -> list[list[int]]:
+        return np.asarray(to_rgb(img)).reshape(-1, 3).tolist()
+
+    wide = np.array([[0, 4000, 32896, 65535]], dtype=np.uint16)
+    assert px(Image.fromarray(wide)) == [[v] * 3 for v in (0, 16, 128, 255)]  # I;16 (PIL alone: 0, 255, 255, 255)
+    big_endian = Image.frombytes("I;16B", (4, 1), wide.astype(">u2").tobytes())
+    assert px(big_endian) == [[v] * 3 for v in (0, 16, 128, 255)]
+    assert px(Image.fromarray(np.array([[-5, 257, 65535, 70000]], dtype=np.int32))) == [
+        [v] * 3 for v in (0, 1, 255, 255)
+    ]
+    assert px(Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], dtype=np.float32))) == [
+        [v] * 3 for v in (0, 128, 255, 255)
+    ]
+    assert px(Image.new("CMYK", (1, 1), (0, 255, 255, 0))) == [[255, 0, 0]]
+    one = Image.new("1", (2, 1), 0)
+    one.putpixel((1, 0), 1)
+    assert px(one) == [[0, 0, 0], [255, 255, 255]]
+    assert px(Image.new("L", (1, 1), 77)) == [[77, 77, 77]]
+    la = Image.new("LA", (2, 1), (100, 255))
+    la.putpixel((1, 0), (100, 0))
+    assert px(la) == [[100, 100, 100], [255, 255, 255]]
+    rgba = Image.new("RGBA", (3, 1), (10, 20, 30, 255))
+    rgba.putpixel((1, 0), (10, 20, 30, 0))
+    rgba.putpixel((2, 0), (0, 0, 0, 51))  # 20 % black over white: 255 * 0.8 = 204
+    assert px(rgba) == [[10, 20, 30], [255, 255, 255], [204, 204, 204]]
+    pal = Image.new("P", (2, 1), 0)
+    pal.putpalette([0, 200, 0, 9, 9, 9] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    pal.info["transparency"] = 1
+    assert px(pal) == [[0, 200, 0], [255, 255, 255]]
+    rgb = Image.new("RGB", (1, 1), (1, 2, 3))
+    assert to_rgb(rgb) is rgb  # the common case costs nothing
+    premultiplied = np.asarray(to_rgb(Image.new("La", (1, 1), (50, 128)))).astype(int)  # L 99 at alpha 128
+    assert np.abs(premultiplied - (99 * 128 + 255 * 127) / 255).max() <= 1  # PIL's own La -> RGB raises
+
+
+def test_list_file_separators_tab_or_last_comma_and_bad_lines_reported(tmp_path):
+    _tree(tmp_path / "a,b", {"blue": 2, "red": 2})  # a folder name with a comma in it
+    tabs = tmp_path / "tabs.tsv"
+    tabs.write_text(
+        "# path<TAB>label: labels may hold commas\n"
+        "a,b/blue/0.jpg\ttench, Tinca tinca\n"
+        "a,b/blue/1.png\ttench, Tinca tinca\n"
+        "a,b/red/0.jpg\tgoldfish\n"
+        "a,b/red/9.jpg\tgoldfish\n"  # missing
+        "a,b/notes.txt\tgoldfish\n"  # not an image file name
+    )
+    (tmp_path / "a,b" / "notes.txt").write_text("x")
+    index = write_imagefolder(tmp_path / "o1", source=tabs, val_frac=0.0)
+    assert index.classes == ("goldfish", "tench, Tinca tinca") and index.split("train").class_counts == (1, 2)
+    report = read_report(tmp_path / "o1")
+    assert {k: v["count"] for k, v in report["skipped"].items()} == {"missing_file": 1, "unsupported_extension": 1}
+    assert report["skipped"]["missing_file"]["examples"][0].startswith(f"{tabs}:5: ")
+    commas = tmp_path / "commas.csv"
+    commas.write_text("a,b/blue/0.jpg,1\na,b/red/1.png,0\n")  # the last comma splits: paths may hold commas
+    index = write_imagefolder(tmp_path / "o2", source=commas, val_frac=0.0)
+    assert index.classes == ("0", "1") and index.split("train").class_counts == (1, 1)
+    assert read_report(tmp_path / "o2")["skipped_total"] == 0
+    commas.write_text("ab/blue/0.jpg 1\n")  # a space separates nothing
+    with pytest.raises(PreflightError, match=r"commas.csv:1: expected 'path<TAB>label' or 'path,label'"):
+        write_imagefolder(tmp_path / "o3", source=commas)
+    commas.write_text("a,b/blue/0.jpg 1\n")  # here the comma splits: the file is missing, and the hint says why
+    with pytest.raises(PreflightError, match=r"commas.csv:1: .*/a is not an existing file \(split at the last comma"):
+        write_imagefolder(tmp_path / "o3", source=commas)
