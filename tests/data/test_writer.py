@@ -175,6 +175,7 @@ def _bad_tree(root: Path) -> None:
     pal.save(root / "b" / "pal.png", transparency=1)
     # to skip:
     (root / "a" / "fake.jpg").write_text("not a JPEG, a text file with the wrong name\n")
+    (root / "a" / "._good0.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")  # AppleDouble
     whole = _jpeg(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)))
     (root / "a" / "trunc.jpg").write_bytes(whole[: len(whole) * 2 // 3])  # PIL's verify() passes this one
     (root / "b" / "bomb.png").write_bytes(_png(100_000, 100_000, bit_depth=8, color_type=0))  # DecompressionBombError
@@ -219,19 +220,19 @@ def test_write_skips_and_reports_bad_files_and_converts_odd_modes(tmp_path):
     out = tmp_path / "out"
     run = _cli("--out", str(out), str(tmp_path / "src"), "--val-frac", "0", "--workers", "2")
     assert run.returncode == 0, run.stderr
-    assert "SKIPPED 7 files" in run.stderr and "decompression_bomb 2" in run.stderr  # printed, never silent
+    assert "SKIPPED 8 files" in run.stderr and "decompression_bomb 2" in run.stderr  # printed, never silent
     assert f"report of written and skipped files in {out / '_write_report.json'}" in run.stdout
     report = json.loads((out / "_write_report.json").read_text())
     assert {k: v["count"] for k, v in report["skipped"].items()} == {
         "decompression_bomb": 2,
         "unsupported_extension": 2,
-        "not_an_image": 1,
+        "not_an_image": 2,
         "corrupt_image": 1,
         "stray_file": 1,
     }
-    assert report["written"] == {"train": 9} and report["skipped_total"] == 7
+    assert report["written"] == {"train": 9} and report["skipped_total"] == 8
     examples = {k: " ".join(v["examples"]) for k, v in report["skipped"].items()}
-    assert "fake.jpg: PIL cannot identify" in examples["not_an_image"]
+    assert "fake.jpg: PIL cannot identify" in examples["not_an_image"] and "._good0.jpg" in examples["not_an_image"]
     assert "trunc.jpg: OSError: image file is truncated" in examples["corrupt_image"]
     assert "bomb.png" in examples["decompression_bomb"] and "bomb_warn.png" in examples["decompression_bomb"]
     assert "notes.txt" in examples["unsupported_extension"] and ".DS_Store" in examples["unsupported_extension"]
