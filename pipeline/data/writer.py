@@ -300,13 +300,12 @@ def _write_split(
     out: Path,
     split: str,
     items: Sequence[Item],
+    rendered: Iterator[Rendered],
     *,
     max_count: int,
     max_bytes: int,
     bar: tqdm,
     report: WriteReport,
-    pool: ProcessPoolExecutor | None = None,
-    workers: int = 0,
 ) -> tuple[list[ShardInfo], list[int], set[str]]:
     """Write ``items`` as ``split-NNNNNN.tar``: (shards, labels written, image extensions written)."""
     shards: list[ShardInfo] = []
@@ -329,12 +328,12 @@ def _write_split(
 
     writer.post = finished
     with writer:
-        for item, rendered in zip(items, _rendered(items, pool, workers), strict=True):
+        for item, result in zip(items, rendered, strict=True):
             bar.update()
-            if isinstance(rendered, BadImage):
-                report.skip(rendered)
+            if isinstance(result, BadImage):
+                report.skip(result)
                 continue
-            data, ext = rendered
+            data, ext = result
             sample = {"__key__": item.key, ext: data, "cls": str(item.label).encode()}
             if item.meta is not None:
                 sample["json"] = json.dumps(item.meta).encode()
@@ -353,6 +352,39 @@ def _split(
         return {"train": [items[i] for i in order], "val": [val_items[i] for i in val_order]}
     n_val = int(round(len(items) * val_frac))
     return {"train": [items[i] for i in order[n_val:]], "val": [items[i] for i in order[:n_val]]}
+
+
+def _write_parts(
+    out: Path,
+    parts: dict[str, list[Item]],
+    *,
+    num_classes: int,
+    max_count: int,
+    max_bytes: int,
+    report: WriteReport,
+    workers: int,
+    progress: bool,
+    desc: str,
+) -> tuple[dict[str, SplitInfo], set[str]]:
+    """Write every split: (the splits that got samples, the image extensions written)."""
+    splits, exts = {}, set()
+    total = sum(map(len, parts.values()))
+    with (
+        _render_pool(workers) as pool,
+        tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar,
+    ):
+        for name, part in parts.items():
+            rendered = _rendered(part, pool, workers)
+            shards, labels, split_exts = _write_split(
+                out, name, part, rendered, max_count=max_count, max_bytes=max_bytes, bar=bar, report=report
+            )
+            if part:
+                report.written[name] = len(labels)
+            exts |= split_exts
+            if shards:
+                counts = np.bincount(labels, minlength=num_classes)
+                splits[name] = SplitInfo(name, tuple(shards), tuple(int(c) for c in counts))
+    return splits, exts
 
 
 def write_samples(
@@ -390,27 +422,18 @@ def write_samples(
     _check_out(out, overwrite)  # before the work; _staged checks again before its rename
     parts = _split(items, val_items, seed=seed, val_frac=val_frac)
     tally = report if report is not None else WriteReport(source=str(source))
-    with _staged(out, overwrite) as tmp, _render_pool(workers) as pool:
-        splits, exts = {}, set()
-        with tqdm(total=sum(map(len, parts.values())), desc=f"writing {out}", unit="img", disable=not progress) as bar:
-            for name, part in parts.items():
-                shards, labels, split_exts = _write_split(
-                    tmp,
-                    name,
-                    part,
-                    max_count=shard_max_count,
-                    max_bytes=shard_max_bytes,
-                    bar=bar,
-                    report=tally,
-                    pool=pool,
-                    workers=workers,
-                )
-                if part:
-                    tally.written[name] = len(labels)
-                exts |= split_exts
-                if shards:
-                    counts = np.bincount(labels, minlength=len(classes))
-                    splits[name] = SplitInfo(name, tuple(shards), tuple(int(c) for c in counts))
+    with _staged(out, overwrite) as tmp:
+        splits, exts = _write_parts(
+            tmp,
+            parts,
+            num_classes=len(classes),
+            max_count=shard_max_count,
+            max_bytes=shard_max_bytes,
+            report=tally,
+            workers=workers,
+            progress=progress,
+            desc=f"writing {out}",
+        )
         if not splits:
             raise PreflightError(f"nothing written to {out}: every sample was skipped. {tally.summary()}")
         index = DataIndex(
