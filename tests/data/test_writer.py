@@ -20,8 +20,9 @@ from PIL import Image
 
 from pipeline.data import PreflightError, build_val_loader, read_index, write_imagefolder, write_synthetic
 from pipeline.data.index import sha256_file
-from pipeline.data.transforms import _decode_tv, decode_rgb, to_rgb
-from pipeline.data.writer import read_report
+from pipeline.data.pixels import decode_rgb, to_rgb
+from pipeline.data.sources import read_report
+from pipeline.data.transforms import _decode_tv
 from tests.data.conftest import SIZE, data_cfg, split_keys
 from tests.fixtures.shards import SYNTHETIC
 
@@ -300,7 +301,7 @@ def test_failed_write_keeps_the_previous_data_set(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         write_imagefolder(out, source=tmp_path / "src", val_frac=0.5, overwrite=True)
     monkeypatch.undo()
-    calls, real_load = [], writer._load_image
+    calls, real_load = [], writer.load_image
 
     def interrupted(path, **kw):
         calls.append(path)
@@ -308,7 +309,7 @@ def test_failed_write_keeps_the_previous_data_set(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # Ctrl-C in the middle of the shards
         return real_load(path, **kw)
 
-    monkeypatch.setattr(writer, "_load_image", interrupted)
+    monkeypatch.setattr(writer, "load_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_imagefolder(out, source=tmp_path / "src", val_frac=0.5, overwrite=True)
     monkeypatch.undo()

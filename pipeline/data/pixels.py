@@ -1,0 +1,49 @@
+"""Image bytes -> 8-bit RGB pixels: the one conversion the shard writer and both loader decoders share.
+
+Torch-free (PIL and numpy), so the writer's render processes can import it without torch.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: the one conversion the writer and both loader decoders share.
+
+    PIL's own ``convert("RGB")`` clips 16-bit and 32-bit samples at 255 (a 16-bit PNG comes out near
+    white), so those are scaled here: ``I;16*`` and ``I`` by 255 / 65535 (``I`` is what Pillow gives
+    16-bit greyscale from some files and versions; values outside 0..65535 are clipped), ``F`` from
+    [0, 1]. Transparency (``RGBA``, ``LA``, ``PA``, ``P`` or ``RGB`` with a ``transparency`` key) is
+    composited over white, as a viewer shows it and as img2dataset's resizer does; dropping alpha
+    would keep whatever colour an editor left under transparent pixels (often black). ``CMYK``,
+    ``YCbCr``, ``LAB``, ``HSV``, ``1``, ``L`` and ``P`` use PIL's conversion. Raises ValueError for a
+    mode PIL cannot convert.
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)  # (H, W); I;16B arrives big-endian, numpy swaps
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        unit = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64)), 0.0, 1.0)
+        return Image.fromarray(np.rint(unit * 255).astype(np.uint8), mode="L").convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        straight = img.convert("LA") if mode == "La" else img  # PIL has La -> LA, not La -> RGBA
+        rgba = straight.convert("RGBA")  # also un-premultiplies RGBa and applies P/L/RGB transparency keys
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*_WHITE, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes fully (a truncated file raises here, not later) into 8-bit RGB."""
+    img = Image.open(io.BytesIO(data))  # no `with`: closing would free the pixels to_rgb may return as they are
+    img.load()
+    return to_rgb(img)
