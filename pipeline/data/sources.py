@@ -27,22 +27,11 @@ from pipeline.data.errors import PreflightError
 from pipeline.data.pixels import to_rgb
 
 ImageFormat = Literal["jpg", "png", "webp"]
-
-
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
-
-
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
 _FORMAT_EXT = {v: k for k, v in _PIL_FORMAT.items()}  # what the bytes really are -> member extension
-
-
 REPORT_NAME = "_write_report.json"
-
-
 _EXAMPLES = 10  # examples kept per kind of skipped file
-
 
 # Why a file was skipped, as the report and the log explain it.
 SKIP_KINDS = {
@@ -137,6 +126,7 @@ Rendered = tuple[bytes, str] | BadImage
 
 
 def render_all(renders: Sequence[Callable[[], tuple[bytes, str]]]) -> list[Rendered]:
+    """Call each render; a :class:`BadImage` is returned in its place (a worker process sends both back)."""
     out: list[Rendered] = []
     for render in renders:
         try:

@@ -371,9 +371,14 @@ def test_val_source_is_the_val_split(tmp_path):
     _tree(tmp_path / "val", {"green": 1})
     run = _cli("--out", str(tmp_path / "o3"), str(tmp_path / "train"), "--val-source", str(tmp_path / "val"))
     assert run.returncode == 1 and "val class 'green' is not a train class (1 such: green)" in run.stderr
+    flat = tmp_path / "flat_val"  # ImageNet's val folder as it is downloaded: 50,000 images, no class folders
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(PreflightError, match=r"images directly in the root .*ImageNet's val folder comes flat"):
+        write_imagefolder(tmp_path / "o5", source=tmp_path / "train", val_source=flat)
     with pytest.raises(PreflightError, match="drop --val-frac 0.2"):
         write_imagefolder(tmp_path / "o4", source=tmp_path / "train", val_source=tmp_path / "val", val_frac=0.2)
-    assert not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()
+    assert not any((tmp_path / name).exists() for name in ("o3", "o4", "o5")) and _leftovers(tmp_path) == []
 
 
 def _meta_of(out: Path, split: str, key: str) -> bytes:
