@@ -111,9 +111,13 @@ def _fsync_dir(path: Path) -> None:
 @contextmanager
 def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
     """A fresh directory beside ``out``: renamed to ``out`` if the block ends normally, else removed."""
+    target = out.resolve()  # `--out .` or a symlink: stage beside the real directory, on its file system
+    stale = sorted(target.parent.glob(f".{target.name}.writing-*")) if target.parent.is_dir() else []
+    if stale:  # SIGKILL (or a power cut) gives no chance to clean up
+        log.warning("left by an earlier write that was killed: %s; delete them", ", ".join(map(str, stale)))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.writing-{os.getpid()}-{secrets.token_hex(4)}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.writing-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
     except OSError as e:
         raise PreflightError(
@@ -124,8 +128,8 @@ def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_dir(tmp)
-        _check_out(out, overwrite)  # again: another write may have finished there meanwhile
-        _swap_in(tmp, out)
+        _check_out(target, overwrite)  # again: another write may have finished there meanwhile
+        _swap_in(tmp, target)
     except BaseException:  # also Ctrl-C and SIGTERM (below): nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
