@@ -493,9 +493,10 @@ def write_imagefolder(
     ``val_source`` (a tree or list file, e.g. ImageNet's val folder beside its train folder) is the val
     split, labelled with ``source``'s classes; no hold-out is taken from ``source`` then (``val_frac``
     defaults to 0.1 without it). With ``resize=0`` each image's bytes are copied as they are (after a
-    full decode); with ``resize=S`` each image is converted to RGB (:func:`to_rgb`) and re-encoded as
-    ``image_format`` with its shorter side scaled to S. Files that cannot be written are skipped and
-    reported (``out/_write_report.json``, the log); ``strict`` stops at the first one and writes nothing.
+    full decode); with ``resize=S`` each image is converted to RGB (:func:`pipeline.data.pixels.to_rgb`)
+    and re-encoded as ``image_format`` with its shorter side scaled to S. Files that cannot be written
+    are skipped and reported (``out/_write_report.json``, the log); ``strict`` stops at the first one
+    and writes nothing.
     ``workers`` processes decode (the full decode costs milliseconds per image; 0: in this process).
     """
     if val_source is not None and val_frac:

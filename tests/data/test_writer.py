@@ -454,3 +454,19 @@ def test_list_file_separators_tab_or_last_comma_and_bad_lines_reported(tmp_path)
     commas.write_text("a,b/blue/0.jpg 1\n")  # here the comma splits: the file is missing, and the hint says why
     with pytest.raises(PreflightError, match=r"commas.csv:1: .*/a is not an existing file \(split at the last comma"):
         write_imagefolder(tmp_path / "o3", source=commas)
+
+
+def test_resize_converts_odd_modes_before_re_encoding(tmp_path):
+    src = tmp_path / "src"
+    (src / "x").mkdir(parents=True)
+    (src / "x" / "grey16.png").write_bytes(_png16(np.full((10, 20), GREY16, dtype=np.uint16)))
+    Image.new("RGBA", (20, 10), (0, 0, 0, 0)).save(src / "x" / "clear.png")  # transparent black: white
+    (src / "x" / "cmyk.jpg").write_bytes(_jpeg(Image.new("CMYK", (20, 10), (0, 255, 255, 0))))
+    index = write_imagefolder(tmp_path / "out", source=src, val_frac=0.0, resize=5, image_format="png")
+    assert index.image_format == "png" and index.split("train").samples == 3
+    files = {name: np.asarray(decode_rgb(data)) for name, data in _members(tmp_path / "out").items()}
+    assert {name: a.shape for name, a in files.items()} == {
+        n: (5, 10, 3) for n in ("grey16.png", "clear.png", "cmyk.jpg")
+    }
+    assert (files["grey16.png"] == round(GREY16 / 257)).all() and (files["clear.png"] == 255).all()
+    assert (files["cmyk.jpg"] == [255, 0, 0]).all()  # the JPEG's one flat colour, re-encoded losslessly
