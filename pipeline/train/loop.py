@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 # Test hook: optimizer step numbers (1-based, as logged) whose loss is made NaN on rank 0.
 NONFINITE_ENV = "PIPELINE_INJECT_NONFINITE"
+_SEED_MASK, _TAG_FORWARD = (1 << 63) - 1, 0xD409
 
 
 class NonFiniteError(RuntimeError):
@@ -122,13 +124,14 @@ def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
     engine, wait = r.engine, 0.0
     loss_sum = torch.zeros((), dtype=torch.float64)
     inject = _inject_nonfinite(r)
-    for _ in range(r.plan.grad_accum):
+    for micro in range(r.plan.grad_accum):
+        _seed_forward(r, micro)
         t0 = time.perf_counter()
         images, labels = next(data)
         wait += time.perf_counter() - t0
         images = images.to(r.device, r.dtype, non_blocking=True)
         labels = labels.to(r.device, non_blocking=True)
-        images, targets = r.mix(images, labels)
+        images, targets = r.mix(images, labels, step=r.state["step"], micro=micro)
         loss = soft_target_cross_entropy(engine(images).float(), targets)
         if inject:
             loss = loss * float("nan")
@@ -146,6 +149,18 @@ def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
     dist.all_reduce(flags)
     loss = float(flags[0]) / (r.env.world_size * r.plan.grad_accum)
     return loss, bool(flags[1] > 0), bool(flags[2] > 0), wait
+
+
+def _seed_forward(r: Run, micro: int) -> None:
+    """Seed torch's generators (CPU and every GPU) from (seed, rank, step, micro-step).
+
+    Dropout and drop path draw from them; keyed this way the draws of a step do not depend on what
+    ran before it (a resume, a DataLoader iterator's seed draw), so resumed runs stay bit-identical.
+    Gradient checkpointing replays the same draws: torch.utils.checkpoint saves and restores the RNG
+    state around the recompute (preserve_rng_state=True, its default).
+    """
+    key = [r.cfg.train.seed & _SEED_MASK, r.env.rank, r.state["step"], micro, _TAG_FORWARD]
+    torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
 
 def _inject_nonfinite(r: Run) -> bool:
