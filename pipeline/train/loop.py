@@ -21,7 +21,7 @@ from pipeline.config import Config
 from pipeline.data import soft_target_cross_entropy
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
-from pipeline.train import preemption
+from pipeline.train import preemption, space
 from pipeline.train.dist_env import detect
 from pipeline.train.metrics import Window, mfu
 from pipeline.train.recipe import set_lr
@@ -58,6 +58,7 @@ class Progress:
     last_saved_step: int = -1
     window: Window = field(default_factory=Window)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    ckpt_bytes: int = 0  # one checkpoint's size: the last one written, or an estimate before it
 
 
 def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
@@ -76,7 +77,8 @@ def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainRes
 
 
 def _train(r: Run) -> TrainResult:
-    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1)
+    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1, ckpt_bytes=_checkpoint_bytes(r))
+    _warn_space(r, p)
     data = iter(r.train_loader)
     total = r.schedule.total_samples
     log.info(
@@ -279,5 +281,33 @@ def _evaluate(r: Run, p: Progress) -> None:
 
 
 def _save(r: Run, p: Progress) -> None:
-    save_checkpoint(r)
+    _warn_space(r, p)
+    try:
+        tag_dir = save_checkpoint(r)
+    except (OSError, RuntimeError) as e:
+        ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
+        if space.is_out_of_space(e, ckpt_dir, p.ckpt_bytes):
+            tag_dir = ckpt_dir / ckpt.tag_for(r.state["step"])
+            raise space.out_of_space_error(tag_dir, r.state["step"], r.cfg.checkpoint.keep_last, e) from e
+        raise
     p.last_saved_step = r.state["step"]
+    p.ckpt_bytes = space.tree_bytes(tag_dir) if r.env.rank == 0 else p.ckpt_bytes
+
+
+def _checkpoint_bytes(r: Run) -> int:
+    """The resumed checkpoint's size, or an estimate from the model before the first save."""
+    info = ckpt.inspect_run_dir(r.run_dir) if r.env.rank == 0 and r.resumed else None
+    if info is not None:
+        return space.tree_bytes(info.path)
+    params = sum(getattr(w, "ds_numel", w.numel()) for w in r.engine.module.parameters())  # full sizes under ZeRO-3
+    return space.estimate_bytes(params, torch.finfo(r.dtype).bits // 8)
+
+
+def _warn_space(r: Run, p: Progress) -> None:
+    """Rank 0 warns when keep_last + 1 checkpoints would not fit (at start-up and before each save)."""
+    if r.env.rank == 0:
+        ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
+        keep = r.cfg.checkpoint.keep_last
+        warning = space.space_warning(ckpt_dir, one_bytes=p.ckpt_bytes, keep_last=keep, step=r.state["step"])
+        if warning:
+            log.warning("%s", warning)
