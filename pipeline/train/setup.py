@@ -117,6 +117,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
         state = ckpt.read_state(info.path)
         _restore_rng(info, env, cfg.train.seed, state["step"])
         schedule = _resumed_schedule(Schedule(**state["schedule"]), state, resume, plan)
+        state["schedule"] = schedule.to_dict()  # the next checkpoint carries the re-stretched curve
         log.info("resumed from %s (step %d, %d samples seen)", info.path, state["step"], state["samples_seen"])
     else:
         schedule = make_schedule(cfg.optim, steps=cfg.train.steps, global_batch_size=plan.global_batch_size)

@@ -57,26 +57,29 @@ def copy_of(base: Path, tmp_path: Path, *, drop: tuple[int, ...] = ()) -> Path:
 def test_raising_steps_trains_on_to_the_new_count_on_the_restretched_schedule(
     base: Path, synthetic_shards: Path, tmp_path: Path
 ) -> None:
-    run_dir = copy_of(base, tmp_path)
+    run_dir = copy_of(base, tmp_path, drop=(10,))  # resume mid-decay, from step 5
+    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
     proc = train(2, overrides(synthetic_shards, run_dir, "train.steps=15", "train.eval_every=5"), timeout=600)
     assert_ok(proc)
     assert (
         "resume: train.steps: 10 -> 15 (honoured): the run now ends at step 15; the learning rate's remaining decay "
-        "is re-stretched from its current value at step 10 to optim.min_lr at step 15 (warmup kept)" in proc.stdout
+        "is re-stretched from its current value at step 5 to optim.min_lr at step 15 (warmup kept)" in proc.stdout
     )
     assert "resume: train.eval_every: 0 -> 5 (honoured)" in proc.stdout
-    m = metrics(run_dir)
-    assert sorted(s for s in m if s > STEPS and "train/loss" in m[s]) == [11, 12, 13, 14, 15]
-    assert "eval/top1" in m[15]
-    saved = Schedule(**state(base, STEPS)["schedule"])
-    assert saved.total_samples == 320  # 10 steps x 32
-    stretched = saved.stretch(320, 480)
-    assert [m[s]["train/lr"] for s in range(11, 16)] == [stretched.lr(32 * s) for s in range(11, 16)]
-    assert m[10]["train/lr"] == saved.lr(320)  # the last step of the old curve: the decay had ended there
-    assert m[15]["train/lr"] == pytest.approx(saved.min_lr)
+    m, old = metrics(run_dir), metrics(base)
+    assert sorted(s for s in m if s > 5 and "train/loss" in m[s]) == list(range(6, 16))
+    assert all("eval/top1" in m[s] for s in (10, 15))
+    saved = Schedule(**state(base, 5)["schedule"])
+    assert (saved.total_samples, saved.warmup_samples) == (320, 96)  # 10 and 3 steps x 32
+    stretched = saved.stretch(160, 480)
+    assert [m[s]["train/lr"] for s in range(6, 16)] == [stretched.lr(32 * s) for s in range(6, 16)]
+    # Continuous at step 5, then a slower decay than the 10-step run's, ending at min_lr at step 15.
+    assert m[5]["train/lr"] == old[5]["train/lr"] == saved.lr(160)
+    assert all(m[s]["train/lr"] > old[s]["train/lr"] for s in range(6, 11))
+    assert m[15]["train/lr"] == pytest.approx(saved.min_lr) and m[14]["train/lr"] > saved.min_lr
     final = state(run_dir, 15)
     assert (final["step"], final["samples_seen"]) == (15, 480)
-    assert final["schedule"]["total_samples"] == 480 and final["schedule"]["anchor_samples"] == 320
+    assert (final["schedule"]["total_samples"], final["schedule"]["anchor_samples"]) == (480, 160)
     assert final["config"]["train"]["steps"] == 15
 
 
