@@ -127,12 +127,12 @@ def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
     loss_sum = torch.zeros((), dtype=torch.float64)
     inject = _inject_nonfinite(r)
     for micro in range(r.plan.grad_accum):
-        _seed_forward(r, micro)
         t0 = time.perf_counter()
         images, labels = next(data)
         wait += time.perf_counter() - t0
         images = images.to(r.device, r.dtype, non_blocking=True)
         labels = labels.to(r.device, non_blocking=True)
+        _seed_forward(r, micro)  # after next(data): a new DataLoader iterator draws its seed from torch
         images, targets = r.mix(images, labels, step=r.state["step"], micro=micro)
         loss = soft_target_cross_entropy(engine(images).float(), targets)
         if inject:
