@@ -54,12 +54,16 @@ def check_run_dir(run_dir: Path) -> str:
 def check_resume(cfg: Config, run_dir: Path) -> str:
     """Whether the run dir holds a complete checkpoint to resume (a run dir with only broken ones is refused)."""
     from pipeline.config import config_to_dict
-    from pipeline.train.checkpoint import CheckpointError, check_fits, inspect_run_dir
+    from pipeline.train.checkpoint import CheckpointError, check_fits, inspect_run_dir, read_state
+    from pipeline.train.resume import plan_resume
 
     try:
         info = inspect_run_dir(run_dir)
         if info is not None:
             check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
+            ws = cfg.launch.world_size  # the ranks' own rule, applied here before anything is queued
+            plan = plan_resume(read_state(info.path).get("config"), cfg, saved_world_size=info.world_size,
+                               world_size=ws, step=info.step)  # fmt: skip
     except CheckpointError as e:
         raise Refused(str(e)) from None
     if info is None:
@@ -71,7 +75,7 @@ def check_resume(cfg: Config, run_dir: Path) -> str:
     where = f"checkpoint: resumes from step {info.step} ({info.tag}, saved by {info.world_size} ranks)"
     if info.world_size != cfg.launch.world_size:
         where += f"; converted for {cfg.launch.world_size} ranks (universal checkpoint)"
-    return where
+    return "".join([where, *(f"\n  resume: {line}" for line in plan.notes + plan.safe)])
 
 
 def check_no_active_job(run_dir: Path) -> str:

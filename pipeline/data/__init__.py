@@ -6,7 +6,7 @@ Public API (the training engine, launcher and fine-tune code call these)::
     build_val_loader(cfg.data, rank=, world_size=, batch_size=, image_size=)
     preflight(path, split=, ranks=, workers=, decode=) -> PreflightReport
     read_index(path) -> DataIndex
-    MixupCutmix(cfg.data, num_classes), soft_target_cross_entropy(logits, targets)
+    MixupCutmix(cfg.data, num_classes, seed=, rank=), soft_target_cross_entropy(logits, targets)
     write_synthetic(...), write_digits(...), write_imagefolder(...)
 
 CLI: ``python -m pipeline.data.shards write|check`` (see :mod:`pipeline.data.shards`).

@@ -4,6 +4,10 @@ Off by default (``data.mixup_alpha = data.cutmix_alpha = 0``): the transform the
 into (smoothed) one-hot targets. With both alphas > 0 each batch uses CutMix or Mixup with
 probability 1/2, as timm's ``Mixup`` does (switch_prob 0.5, batch mode). Mixup: Zhang et al. 2018;
 CutMix: Yun et al. 2019, with the mixing weight corrected to the clipped box's area.
+
+Every draw (mix or not, which of the two, lambda, box) comes from a generator seeded by
+(seed, rank, step, micro-step): ranks mix differently from each other, and a resumed run mixes
+exactly as the uninterrupted one did, with no generator state to checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.plan import rng
+
+_TAG_MIX = 0x313C  # keeps these draws apart from the loader's, which share the seed
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -28,30 +35,29 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 
 class MixupCutmix:
-    """``mix(images, labels) -> (images, soft_targets)``; randomness seeded by (seed, step) when given."""
+    """``mix(images, labels, step=, micro=) -> (images, soft_targets)``; draws keyed by (seed, rank, step, micro)."""
 
-    def __init__(self, cfg: DataConfig, num_classes: int, *, seed: int = 0) -> None:
+    def __init__(self, cfg: DataConfig, num_classes: int, *, seed: int, rank: int) -> None:
         self.mixup_alpha, self.cutmix_alpha = cfg.mixup_alpha, cfg.cutmix_alpha
         self.prob, self.smoothing = cfg.mix_prob, cfg.label_smoothing
-        self.num_classes, self.seed = num_classes, seed
-        self._gen = np.random.default_rng(seed)
+        self.num_classes, self.seed, self.rank = num_classes, seed, rank
 
     @property
     def enabled(self) -> bool:
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, *, step: int | None = None
+        self, images: torch.Tensor, labels: torch.Tensor, *, step: int, micro: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W), labels (B,) -> mixed images, targets (B, K) whose rows sum to 1.
 
-        ``step`` (e.g. the optimizer step, offset by rank) makes the draw a function of the step, so a
-        resumed run mixes the same way; without it an internal generator advances per call.
+        ``step`` is the optimizer step (0-based) and ``micro`` the micro-batch within it: the same
+        (seed, rank, step, micro) always mixes the same way.
         """
         targets = one_hot(labels, self.num_classes, self.smoothing)
         if not self.enabled:
             return images, targets
-        g = np.random.default_rng([self.seed, step]) if step is not None else self._gen
+        g = rng(self.seed, self.rank, step, micro, _TAG_MIX)
         if g.random() >= self.prob:
             return images, targets
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or g.random() < 0.5)

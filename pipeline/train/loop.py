@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -20,7 +21,7 @@ from pipeline.config import Config
 from pipeline.data import soft_target_cross_entropy
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
-from pipeline.train import preemption
+from pipeline.train import preemption, space
 from pipeline.train.dist_env import detect
 from pipeline.train.metrics import Window, mfu
 from pipeline.train.recipe import set_lr
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 # Test hook: optimizer step numbers (1-based, as logged) whose loss is made NaN on rank 0.
 NONFINITE_ENV = "PIPELINE_INJECT_NONFINITE"
+_SEED_MASK, _TAG_FORWARD = (1 << 63) - 1, 0xD409
 
 
 class NonFiniteError(RuntimeError):
@@ -56,6 +58,7 @@ class Progress:
     last_saved_step: int = -1
     window: Window = field(default_factory=Window)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    ckpt_bytes: int = 0  # one checkpoint's size: the last one written, or an estimate before it
 
 
 def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
@@ -74,7 +77,8 @@ def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainRes
 
 
 def _train(r: Run) -> TrainResult:
-    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1)
+    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1, ckpt_bytes=_checkpoint_bytes(r))
+    _warn_space(r, p)
     data = iter(r.train_loader)
     total = r.schedule.total_samples
     log.info(
@@ -122,13 +126,14 @@ def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
     engine, wait = r.engine, 0.0
     loss_sum = torch.zeros((), dtype=torch.float64)
     inject = _inject_nonfinite(r)
-    for _ in range(r.plan.grad_accum):
+    for micro in range(r.plan.grad_accum):
         t0 = time.perf_counter()
         images, labels = next(data)
         wait += time.perf_counter() - t0
         images = images.to(r.device, r.dtype, non_blocking=True)
         labels = labels.to(r.device, non_blocking=True)
-        images, targets = r.mix(images, labels)
+        _seed_forward(r, micro)  # after next(data): a new DataLoader iterator draws its seed from torch
+        images, targets = r.mix(images, labels, step=r.state["step"], micro=micro)
         loss = soft_target_cross_entropy(engine(images).float(), targets)
         if inject:
             loss = loss * float("nan")
@@ -146,6 +151,18 @@ def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
     dist.all_reduce(flags)
     loss = float(flags[0]) / (r.env.world_size * r.plan.grad_accum)
     return loss, bool(flags[1] > 0), bool(flags[2] > 0), wait
+
+
+def _seed_forward(r: Run, micro: int) -> None:
+    """Seed torch's generators (CPU and every GPU) from (seed, rank, step, micro-step).
+
+    Dropout and drop path draw from them; keyed this way the draws of a step do not depend on what
+    ran before it (a resume, a DataLoader iterator's seed draw), so resumed runs stay bit-identical.
+    Gradient checkpointing replays the same draws: torch.utils.checkpoint saves and restores the RNG
+    state around the recompute (preserve_rng_state=True, its default).
+    """
+    key = [r.cfg.train.seed & _SEED_MASK, r.env.rank, r.state["step"], micro, _TAG_FORWARD]
+    torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
 
 def _inject_nonfinite(r: Run) -> bool:
@@ -264,5 +281,33 @@ def _evaluate(r: Run, p: Progress) -> None:
 
 
 def _save(r: Run, p: Progress) -> None:
-    save_checkpoint(r)
+    _warn_space(r, p)
+    try:
+        tag_dir = save_checkpoint(r)
+    except (OSError, RuntimeError) as e:
+        ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
+        if space.is_out_of_space(e, ckpt_dir, p.ckpt_bytes):
+            tag_dir = ckpt_dir / ckpt.tag_for(r.state["step"])
+            raise space.out_of_space_error(tag_dir, r.state["step"], r.cfg.checkpoint.keep_last, e) from e
+        raise
     p.last_saved_step = r.state["step"]
+    p.ckpt_bytes = space.tree_bytes(tag_dir) if r.env.rank == 0 else p.ckpt_bytes
+
+
+def _checkpoint_bytes(r: Run) -> int:
+    """The resumed checkpoint's size, or an estimate from the model before the first save."""
+    info = ckpt.inspect_run_dir(r.run_dir) if r.env.rank == 0 and r.resumed else None
+    if info is not None:
+        return space.tree_bytes(info.path)
+    params = sum(getattr(w, "ds_numel", w.numel()) for w in r.engine.module.parameters())  # full sizes under ZeRO-3
+    return space.estimate_bytes(params, torch.finfo(r.dtype).bits // 8)
+
+
+def _warn_space(r: Run, p: Progress) -> None:
+    """Rank 0 warns when keep_last + 1 checkpoints would not fit (at start-up and before each save)."""
+    if r.env.rank == 0:
+        ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
+        keep = r.cfg.checkpoint.keep_last
+        warning = space.space_warning(ckpt_dir, one_bytes=p.ckpt_bytes, keep_last=keep, step=r.state["step"])
+        if warning:
+            log.warning("%s", warning)

@@ -7,7 +7,7 @@ The schedule is a function of *samples seen*, not steps, so a run resumed at ano
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,21 +19,48 @@ _NO_DECAY_NAMES = ("cls_token", "pos_embed", "pos_embedding")
 
 @dataclass(frozen=True)
 class Schedule:
-    """Learning-rate curve over samples seen; stored in checkpoints so resumes keep it."""
+    """Learning-rate curve over samples seen; stored in checkpoints so resumes keep it.
+
+    After a re-stretch (a resume that changed train.steps) the decay runs from ``anchor_samples``,
+    where it had reached ``anchor_progress``, to the new ``total_samples``.
+    """
 
     total_samples: int
     warmup_samples: int
     peak_lr: float
     min_lr: float
     kind: str
+    anchor_samples: int = 0
+    anchor_progress: float = 0.0
+
+    def progress(self, samples_seen: int) -> float:
+        """How far the decay has gone, 0 (peak, end of warmup) to 1 (min_lr); linear in samples seen."""
+        if self.anchor_samples > self.warmup_samples and samples_seen < self.anchor_samples:
+            # before a re-stretch: the line it was on (the original curve, for a run stretched once)
+            return (
+                self.anchor_progress
+                * max(0, samples_seen - self.warmup_samples)
+                / (self.anchor_samples - self.warmup_samples)
+            )
+        start, done = max(self.anchor_samples, self.warmup_samples), self.anchor_progress
+        span = max(1, self.total_samples - start)
+        return done + (1.0 - done) * min(1.0, max(0, samples_seen - start) / span)
+
+    def stretch(self, samples_seen: int, total_samples: int) -> Schedule:
+        """The same curve up to ``samples_seen``, then the remaining decay spread to ``total_samples``.
+
+        The learning rate is continuous (no jump when a run is extended or shortened) and reaches
+        min_lr at the new end; a stretch inside warmup only moves the end of the decay.
+        """
+        anchor = max(samples_seen, self.warmup_samples)
+        return replace(self, total_samples=total_samples, anchor_samples=anchor, anchor_progress=self.progress(anchor))
 
     def lr(self, samples_seen: int) -> float:
         if samples_seen < self.warmup_samples:
             return self.peak_lr * (samples_seen + 1) / self.warmup_samples
         if self.kind == "constant":
             return self.peak_lr
-        span = max(1, self.total_samples - self.warmup_samples)
-        progress = min(1.0, (samples_seen - self.warmup_samples) / span)
+        progress = self.progress(samples_seen)
         if self.kind == "linear":
             return self.min_lr + (self.peak_lr - self.min_lr) * (1.0 - progress)
         return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -33,6 +33,7 @@ from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 from pipeline.train.dist_env import DistEnv
 from pipeline.train.metrics import device_peak_tflops
 from pipeline.train.recipe import Schedule, make_schedule, param_groups
+from pipeline.train.resume import ResumePlan, plan_resume
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,12 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     else:
         torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
     ds.init_distributed(device)
-    plan = cfg.batch_plan(env.world_size)
     run_dir = Path(cfg.train.run_dir).absolute()
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     info = _resume_info(cfg, env, run_dir)
+    resume = _plan_resume(cfg, env, info)
+    plan = cfg.batch_plan(env.world_size)
     _seed_all(cfg.train.seed)  # identical initial weights on every rank
     model, init_report = _build_model(cfg, fresh=info is None)
     groups = param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.finetune.layer_decay)
@@ -114,12 +116,13 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
             _verify_universal(engine, info, env, cfg.train.precision)
         state = ckpt.read_state(info.path)
         _restore_rng(info, env, cfg.train.seed, state["step"])
-        schedule = Schedule(**state["schedule"])
+        schedule = _resumed_schedule(Schedule(**state["schedule"]), state, resume, plan)
+        state["schedule"] = schedule.to_dict()  # the next checkpoint carries the re-stretched curve
         log.info("resumed from %s (step %d, %d samples seen)", info.path, state["step"], state["samples_seen"])
     else:
         schedule = make_schedule(cfg.optim, steps=cfg.train.steps, global_batch_size=plan.global_batch_size)
         state = {"step": 0, "samples_seen": 0, "skipped_steps": 0, "schedule": schedule.to_dict(), "run_id": None}
-        _seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams for dropout/mixup
+        _seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams (dropout and mixing are keyed per step)
     train_loader, val_loader = _loaders(cfg, env, plan, device)
     if info is not None:
         train_loader.load_state_dict(state["loader"])
@@ -128,10 +131,11 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     if env.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "config.yaml")
+    mix = MixupCutmix(cfg.data, cfg.model.num_classes, seed=cfg.train.seed, rank=env.rank)  # draws per (rank, step)
     run = Run(
         cfg=cfg, env=env, device=device, dtype=dtype, plan=plan, run_dir=run_dir, engine=engine,
         train_loader=train_loader, val_loader=val_loader, tracker=tracker,
-        mix=MixupCutmix(cfg.data, cfg.model.num_classes), schedule=schedule, state=state, resumed=info is not None,
+        mix=mix, schedule=schedule, state=state, resumed=info is not None,
         macs=forward_macs(model), peak_tflops=device_peak_tflops(cfg.train.peak_tflops, device),
     )  # fmt: skip
     if cfg.finetune.enabled and cfg.finetune.export_best:
@@ -155,6 +159,33 @@ def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
             info.tag, info.world_size, env.world_size,
         )  # fmt: skip
     return info
+
+
+def _plan_resume(cfg: Config, env: DistEnv, info: ResumeInfo | None) -> ResumePlan | None:
+    """Honour or refuse each key that differs from the checkpoint's config (the launcher's rule too).
+
+    Keeps the checkpoint's global batch: ``cfg.train.global_batch_size`` is pinned to it, so the
+    accumulation is re-derived for this world size (and the saved config says so from now on).
+    """
+    if info is None:
+        return None
+    saved = ckpt.read_state(info.path).get("config")
+    resume = plan_resume(saved, cfg, saved_world_size=info.world_size, world_size=env.world_size, step=info.step)
+    if env.rank == 0:
+        for line in resume.safe:
+            log.info("resume: %s", line)
+        for line in resume.notes:
+            log.warning("resume: %s", line)
+    cfg.train.global_batch_size = resume.global_batch_size
+    return resume
+
+
+def _resumed_schedule(saved: Schedule, state: dict, resume: ResumePlan | None, plan: BatchPlan) -> Schedule:
+    """The checkpoint's schedule; re-stretched to the new end when train.steps changed."""
+    if resume is None or resume.steps[0] == resume.steps[1]:
+        return saved
+    total = state["samples_seen"] + max(0, resume.steps[1] - state["step"]) * plan.global_batch_size
+    return saved.stretch(state["samples_seen"], total)
 
 
 def _prepare_universal(info: ResumeInfo, env: DistEnv) -> str:

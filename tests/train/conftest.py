@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -64,8 +66,16 @@ def start_training(
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank: torchrun starts each rank in a session of its own."""
+    ranks = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for rank in ranks:
+        try:
+            rank.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=30)
+    psutil.wait_procs(ranks, timeout=30)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -63,3 +63,24 @@ def test_frozen_parameters_are_left_out() -> None:
     groups = param_groups(model, weight_decay=0.05)
     ids = {id(p) for g in groups for p in g["params"]}
     assert not any(id(p) in ids for p in model.blocks[0].parameters())
+
+
+def test_stretch_keeps_the_lr_continuous_and_ends_the_decay_at_the_new_total() -> None:
+    optim = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    a = make_schedule(optim, steps=100, global_batch_size=32)  # 3200 samples, warmup 320
+    at = 1600  # resumed at step 50 with train.steps 100 -> 150
+    b = a.stretch(at, at + 100 * 32)
+    assert (b.total_samples, b.anchor_samples) == (4800, 1600)
+    assert b.anchor_progress == pytest.approx((1600 - 320) / (3200 - 320))
+    assert [b.lr(s) for s in (0, 320, 1000, 1600)] == [a.lr(s) for s in (0, 320, 1000, 1600)]  # the past is kept
+    assert b.lr(1632) < b.lr(1600) and b.lr(1632) > a.lr(1632)  # continuous, then a slower decay
+    assert b.lr(4800) == pytest.approx(1e-5) and a.lr(3200) == pytest.approx(1e-5)
+    halfway = 1600 + (4800 - 1600) / 2  # half the remaining decay is done halfway through the extension
+    assert b.progress(int(halfway)) == pytest.approx(b.anchor_progress + (1 - b.anchor_progress) / 2)
+    # Stretching to the same total leaves the curve as it was; a stretch inside warmup keeps the warmup.
+    same = a.stretch(at, 3200)
+    assert all(same.lr(s) == pytest.approx(a.lr(s), rel=1e-12) for s in range(0, 3201, 32))
+    early = a.stretch(64, 6400)
+    assert early.anchor_samples == 320 and early.anchor_progress == 0.0
+    assert early.lr(100) == a.lr(100) and early.lr(6400) == pytest.approx(1e-5)
+    assert early.lr(320 + (6400 - 320) // 2) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))

@@ -1,0 +1,154 @@
+"""What a resumed run may change: every key that differs from the checkpoint's config is honoured
+(and said) or refused (naming the key, both values and the fix). Nothing is ignored silently.
+
+One rule, :func:`plan_resume`, called by the launcher before anything is queued
+(launch/checks.py) and by every rank before its first step (pipeline/train/setup.py). It reads
+only configs: no torch, so the launcher stays light.
+
+- Honoured, logged: where and how the run executes (tracking, launch, logging/eval/checkpoint
+  cadence, device, threads, loader workers, gradient checkpointing, offload).
+- Honoured with a stated rule: ``train.steps`` (the remaining learning-rate decay is re-stretched
+  from the current learning rate to the new end, see recipe.Schedule.stretch); the global batch at
+  another world size or micro batch (kept at the checkpoint's, the accumulation re-derived).
+- Refused: everything else (the model, the optimizer, the data and augmentation recipe, precision,
+  seed), because a run that changes its recipe mid-way is no longer the run it claims to be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Config, config_from_dict, flatten
+from pipeline.train.checkpoint import CheckpointError
+
+# Keys that change where or how fast the run executes, never what it computes.
+_SAFE_PREFIXES = ("tracking.", "launch.")
+_SAFE_KEYS = frozenset({
+    "name", "train.run_dir", "train.log_every", "train.eval_every", "train.peak_tflops", "train.cpu_threads",
+    "train.device", "train.max_nonfinite_steps", "train.offload_optimizer", "train.offload_params",
+    "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export_final",
+    "finetune.export_best", "data.val_split", "data.val_batch_size", "data.eval_crop_pct", "data.prefetch_factor",
+    "data.max_skip_frac", "data.skip_check_after", "model.preset", "model.grad_checkpointing",
+})  # fmt: skip
+# Honoured, with what it does to the run said in the log.
+_NOTED = {
+    "data.num_workers": "the rest of the current epoch is re-split over the new loader slots (another order, "
+    "exact again from the next epoch)",
+    "data.shuffle_buffer": "the rest of the current epoch is re-split (another order, exact from the next epoch)",
+    "finetune.init_from": "not used: a resumed run takes its weights from the checkpoint",
+    "finetune.head_init": "not used: a resumed run takes its weights from the checkpoint",
+}
+# Judged by what they give (the global batch, see _keep_global_batch; the end step), not key by key.
+_PLANNED_KEYS = frozenset({"train.micro_batch_size", "train.grad_accum", "train.global_batch_size", "train.steps"})
+
+
+class ResumeRefused(CheckpointError):
+    """The config asks for a change a resumed run cannot honour."""
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    global_batch_size: int  # the checkpoint's, kept
+    steps: tuple[int, int]  # (checkpoint's train.steps, this config's)
+    safe: list[str]  # honoured changes that alter nothing computed (logged as info)
+    notes: list[str]  # honoured changes that alter the run, with their rule (logged as warnings)
+
+    @property
+    def steps_changed(self) -> bool:
+        return self.steps[0] != self.steps[1]
+
+
+def plan_resume(saved: dict[str, Any], cfg: Config, *, saved_world_size: int, world_size: int, step: int) -> ResumePlan:
+    """Compare ``cfg`` with the checkpoint's resolved config ``saved`` (trainer_state.json's "config").
+
+    Raises ResumeRefused naming every refused key; otherwise returns the global batch to keep and a
+    note per honoured change. ``step`` is the checkpoint's step (for the train.steps rule).
+    """
+    old_cfg = config_from_dict(saved, source="the checkpoint's trainer_state.json")
+    old, new = flatten(old_cfg), flatten(cfg)
+    safe, notes, refused = [], [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b or key in _PLANNED_KEYS:
+            continue
+        change = f"{key}: {a!r} -> {b!r}"
+        if key in _SAFE_KEYS or key.startswith(_SAFE_PREFIXES):
+            safe.append(f"{change} (honoured)")
+        elif key in _NOTED:
+            notes.append(f"{change} ({_NOTED[key]})")
+        else:
+            refused.append((key, a, b))
+    if refused:
+        raise ResumeRefused(_refusal(refused))
+    was = old_cfg.batch_plan(saved_world_size)
+    gb = _keep_global_batch(was.global_batch_size, cfg, saved_world_size, world_size)
+    steps = (old_cfg.train.steps, cfg.train.steps)
+    if steps[0] != steps[1]:
+        notes.append(_steps_note(steps, step))
+    accum = gb // (cfg.train.micro_batch_size * world_size)
+    if (was.micro_batch_size, was.grad_accum, saved_world_size) != (cfg.train.micro_batch_size, accum, world_size):
+        notes.append(
+            f"global batch kept at the checkpoint's {gb} = {cfg.train.micro_batch_size} x accumulation {accum} x "
+            f"{world_size} ranks (saved as {was.micro_batch_size} x {was.grad_accum} x {saved_world_size} ranks)"
+        )
+    return ResumePlan(global_batch_size=gb, steps=steps, safe=safe, notes=notes)
+
+
+def _refusal(refused: list[tuple[str, Any, Any]]) -> str:
+    listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in refused)
+    back = " ".join(f"{k}={_cli(a)}" for k, a, _ in refused)
+    return (
+        f"resuming would change the run's recipe: {listed}. A resumed run keeps the model, optimizer, data and "
+        f"augmentation of its checkpoint; set them back ({back}) to resume it, or pass another train.run_dir to "
+        f"start a new run (finetune.init_from=<this run dir> starts from its weights)"
+    )
+
+
+def _cli(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_cli(v) for v in value) + "]"
+    return str(value)
+
+
+def _steps_note(steps: tuple[int, int], step: int) -> str:
+    old, new = steps
+    if new <= step:
+        return (
+            f"train.steps: {old} -> {new} (honoured): the checkpoint is already at step {step}, so nothing is left "
+            f"to train; the run ends at step {step} (final evaluation and export)"
+        )
+    return (
+        f"train.steps: {old} -> {new} (honoured): the run now ends at step {new}; the learning rate's remaining "
+        f"decay is re-stretched from its current value at step {step} to optim.min_lr at step {new} (warmup kept)"
+    )
+
+
+def _keep_global_batch(saved_gb: int, cfg: Config, saved_world_size: int, world_size: int) -> int:
+    """The checkpoint's global batch, with the accumulation re-derived; refuse when it cannot be kept."""
+    t = cfg.train
+    per_pass = t.micro_batch_size * world_size
+    where = f"train.micro_batch_size={t.micro_batch_size} x {world_size} ranks (= {per_pass})"
+    if t.global_batch_size and t.global_batch_size != saved_gb:
+        raise ResumeRefused(
+            f"train.global_batch_size={t.global_batch_size} but the checkpoint trained with a global batch of "
+            f"{saved_gb}; the global batch is part of the recipe: set train.global_batch_size={saved_gb} (or 0 to "
+            f"keep the checkpoint's), or pass another train.run_dir to start a new run"
+        )
+    if t.grad_accum and t.grad_accum * per_pass != saved_gb:
+        raise ResumeRefused(
+            f"train.grad_accum={t.grad_accum} x {where} gives a global batch of {t.grad_accum * per_pass}, but the "
+            f"checkpoint trained with {saved_gb}; set train.grad_accum=0 to re-derive the accumulation"
+        )
+    if saved_gb % per_pass:
+        ranks = [n for n in range(1, saved_gb // t.micro_batch_size + 1) if saved_gb % (t.micro_batch_size * n) == 0]
+        fixes = [f"resume on {' or '.join(map(str, ranks[-3:]))} ranks"] if ranks else []
+        micro = [m for m in range(t.micro_batch_size, 0, -1) if saved_gb % (m * world_size) == 0]
+        fixes += [f"set train.micro_batch_size={micro[0]}"] if micro else []
+        raise ResumeRefused(
+            f"the checkpoint's global batch {saved_gb} (saved by {saved_world_size} ranks) is not a multiple of "
+            f"{where}, so it cannot be kept; {', or '.join(fixes + ['pass another train.run_dir to start a new run'])}"
+        )
+    return saved_gb

@@ -1,0 +1,89 @@
+"""plan_resume: each key that differs from the checkpoint's config is honoured (and said) or refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import config_to_dict, load_config
+from pipeline.train.resume import ResumeRefused, plan_resume
+from tests.train.conftest import SMOKE
+
+
+def cfg(*overrides: str):
+    return load_config(SMOKE, list(overrides))
+
+
+SAVED = config_to_dict(cfg())  # the smoke run: 16 per rank x 2 ranks = 32 per step, 30 steps
+
+
+def plan(*overrides: str, world_size: int = 2, step: int = 20):
+    return plan_resume(SAVED, cfg(*overrides), saved_world_size=2, world_size=world_size, step=step)
+
+
+def test_an_unchanged_config_resumes_with_nothing_to_say() -> None:
+    p = plan()
+    assert (p.global_batch_size, p.steps, p.safe, p.notes) == (32, (30, 30), [], [])
+
+
+def test_cadence_and_tracking_changes_are_honoured_and_listed() -> None:
+    p = plan("train.log_every=1", "tracking.enabled=false", "checkpoint.keep_last=5", "model.grad_checkpointing=true")
+    assert p.safe == [
+        "checkpoint.keep_last: 3 -> 5 (honoured)",
+        "model.grad_checkpointing: False -> True (honoured)",
+        "tracking.enabled: True -> False (honoured)",
+        "train.log_every: 5 -> 1 (honoured)",
+    ]
+    assert p.notes == []
+
+
+def test_recipe_changes_are_refused_naming_each_key_both_values_and_the_fix() -> None:
+    with pytest.raises(ResumeRefused) as e:
+        plan("optim.lr=0.001", "data.mixup_alpha=0.8", "model.drop_path_rate=0.1", "train.log_every=1")
+    assert str(e.value) == (
+        "resuming would change the run's recipe: data.mixup_alpha: checkpoint 0.0, now 0.8; model.drop_path_rate: "
+        "checkpoint 0.0, now 0.1; optim.lr: checkpoint 0.002, now 0.001. A resumed run keeps the model, optimizer, "
+        "data and augmentation of its checkpoint; set them back (data.mixup_alpha=0.0 model.drop_path_rate=0.0 "
+        "optim.lr=0.002) to resume it, or pass another train.run_dir to start a new run "
+        "(finetune.init_from=<this run dir> starts from its weights)"
+    )
+
+
+def test_steps_may_change_with_the_schedule_rule_stated() -> None:
+    longer = plan("train.steps=50")
+    assert longer.steps == (30, 50)
+    assert longer.notes == [
+        "train.steps: 30 -> 50 (honoured): the run now ends at step 50; the learning rate's remaining decay is "
+        "re-stretched from its current value at step 20 to optim.min_lr at step 50 (warmup kept)"
+    ]
+    shorter = plan("train.steps=10")
+    assert shorter.notes == [
+        "train.steps: 30 -> 10 (honoured): the checkpoint is already at step 20, so nothing is left to train; the "
+        "run ends at step 20 (final evaluation and export)"
+    ]
+
+
+def test_another_world_size_keeps_the_global_batch_and_rederives_the_accumulation() -> None:
+    p = plan(world_size=1)
+    assert p.global_batch_size == 32
+    assert p.notes == [
+        "global batch kept at the checkpoint's 32 = 16 x accumulation 2 x 1 ranks (saved as 16 x 1 x 2 ranks)"
+    ]
+    assert plan("train.micro_batch_size=8", world_size=4).global_batch_size == 32  # 8 x 1 x 4
+    assert plan("train.global_batch_size=32", world_size=1).global_batch_size == 32  # pinned to the same: fine
+
+
+def test_a_global_batch_that_cannot_be_kept_is_refused_with_the_fix() -> None:
+    refusals = {
+        (3, ""): r"^the checkpoint's global batch 32 \(saved by 2 ranks\) is not a multiple of "
+        r"train.micro_batch_size=16 x 3 ranks \(= 48\), so it cannot be kept; resume on 1 or 2 ranks, or pass "
+        r"another train.run_dir to start a new run$",
+        (4, ""): r"not a multiple of train.micro_batch_size=16 x 4 ranks \(= 64\).*; resume on 1 or 2 ranks, or set "
+        r"train.micro_batch_size=8, or pass another",
+        (2, "train.global_batch_size=64"): r"^train.global_batch_size=64 but the checkpoint trained with a global "
+        r"batch of 32; .* set train.global_batch_size=32 \(or 0 to keep the checkpoint's\)",
+        (2, "train.grad_accum=2"): r"^train.grad_accum=2 x train.micro_batch_size=16 x 2 ranks \(= 32\) gives a "
+        r"global batch of 64, but the checkpoint trained with 32; set train.grad_accum=0",
+    }
+    for (world_size, override), message in refusals.items():
+        with pytest.raises(ResumeRefused, match=message):
+            plan(*filter(None, [override]), world_size=world_size)
