@@ -13,10 +13,13 @@ The outcome for a given file is deterministic, which is what keeps resume exact 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple
+
+from pipeline.data.index import LabelSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ SkipKind = Literal["corrupt_image", "truncated_tar", "empty_shard", "missing_cls
 # corrupt_image: the image bytes do not decode (or the sample has no image member)
 # truncated_tar: the shard ends (or stops parsing) before the index's sample count
 # empty_shard: the shard file is empty or holds no sample at all
-# missing_cls: no cls member, or one that is not an integer in [0, num_classes)
+# missing_cls: no label (cls member, or the index's json field), or one that is not a class of the index
 # unreadable_shard: the file is missing, unreadable, or not a tar archive
 SKIP_KINDS: tuple[SkipKind, ...] = ("corrupt_image", "truncated_tar", "empty_shard", "missing_cls", "unreadable_shard")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -32,7 +35,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 class RawSample(NamedTuple):
     key: str
-    label: int  # -1 when bad
+    label: int  # -1 when bad, or when the data set is unlabeled
     image: bytes | None
     ext: str
     bad: SkipKind | None
@@ -133,11 +136,15 @@ def is_tar(path: Path) -> bool:
 class ShardReader:
     """Forward reader of one shard; ``read(ordinals)`` with increasing ordinals reads the file once."""
 
-    def __init__(self, path: Path, *, expected: int, num_classes: int) -> None:
+    def __init__(
+        self, path: Path, *, expected: int, num_classes: int, label: LabelSpec = LabelSpec(), classes: tuple[str, ...] = ()
+    ) -> None:
         self.path = path
         self.name = path.name
         self.expected = expected  # the index's sample count: ordinals past the data are 'truncated'
         self.num_classes = num_classes
+        self.label = label
+        self._labels = Labels(label, num_classes, classes)
         self._f: BinaryIO | None = None
         self._headers: TarHeaders | None = None
         self._opened = False
@@ -218,7 +225,7 @@ class ShardReader:
             if mkey != key:
                 self._pending = member
                 break
-            wanted = load and (ext in IMAGE_EXTS or ext == "cls")
+            wanted = load and (ext in IMAGE_EXTS or ext == self.label.member)
             members[ext] = self._data(member) if wanted else None
             if self._failed is not None:  # this sample's own bytes are cut short
                 return RawSample(key, -1, None, "", self._failed, self.name)
@@ -245,16 +252,18 @@ class ShardReader:
             return None
         return data
 
-    @staticmethod
-    def _complete(members: dict[str, bytes | None]) -> bool:
-        return "cls" in members and any(e in members for e in IMAGE_EXTS)
+    def _complete(self, members: dict[str, bytes | None]) -> bool:
+        has_label = self.label.member is None or self.label.member in members
+        return has_label and any(e in members for e in IMAGE_EXTS)
 
     def _check(self, key: str, members: dict[str, bytes | None]) -> RawSample:
         ext = next((e for e in IMAGE_EXTS if e in members), "")
         image = members.get(ext) if ext else None
         if image is None:
             return RawSample(key, -1, None, "", "corrupt_image", self.name)
-        label = parse_label(members.get("cls"), self.num_classes)
+        if self.label.member is None:
+            return RawSample(key, -1, image, ext, None, self.name)
+        label = self._labels.parse(members.get(self.label.member))
         if label is None:
             return RawSample(key, -1, None, ext, "missing_cls", self.name)
         return RawSample(key, label, image, ext, None, self.name)
@@ -271,17 +280,65 @@ def parse_label(raw: bytes | None, num_classes: int) -> int | None:
     return label if 0 <= label < num_classes else None
 
 
+def label_value(raw: bytes, field: str) -> object:
+    """The value of ``field`` in a json member (None when absent or not JSON)."""
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return obj.get(field) if isinstance(obj, dict) else None
+
+
+class Labels:
+    """Turns a sample's label member into a class index of the index (None: no usable label).
+
+    ``cls``: an integer as text. ``json``: the field holds an integer or a class name of the index.
+    """
+
+    def __init__(self, spec: LabelSpec, num_classes: int, classes: tuple[str, ...] = ()) -> None:
+        self.spec, self.num_classes = spec, num_classes
+        self.ids = {name: i for i, name in enumerate(classes)}
+
+    def parse(self, raw: bytes | None) -> int | None:
+        if raw is None or self.spec.kind == "none":
+            return None
+        if self.spec.kind == "cls":
+            return parse_label(raw, self.num_classes)
+        value = label_value(raw, self.spec.field)
+        if isinstance(value, str):
+            return self.ids.get(value)
+        if type(value) is int and 0 <= value < self.num_classes:
+            return value
+        return None
+
+
 class ReaderCache:
     """A few open :class:`ShardReader` s, newest kept; a slot reads 1-2 shards at a time."""
 
-    def __init__(self, root: Path, counts: dict[str, int], num_classes: int, size: int = 4) -> None:
+    def __init__(
+        self,
+        root: Path,
+        counts: dict[str, int],
+        num_classes: int,
+        size: int = 4,
+        *,
+        label: LabelSpec = LabelSpec(),
+        classes: tuple[str, ...] = (),
+    ) -> None:
         self.root, self.counts, self.num_classes, self.size = root, counts, num_classes, size
+        self.label, self.classes = label, classes
         self._readers: dict[str, ShardReader] = {}
 
     def get(self, name: str) -> ShardReader:
         reader = self._readers.pop(name, None)
         if reader is None:
-            reader = ShardReader(self.root / name, expected=self.counts[name], num_classes=self.num_classes)
+            reader = ShardReader(
+                self.root / name,
+                expected=self.counts[name],
+                num_classes=self.num_classes,
+                label=self.label,
+                classes=self.classes,
+            )
         self._readers[name] = reader  # most recent last
         while len(self._readers) > self.size:
             self._readers.pop(next(iter(self._readers))).close()
