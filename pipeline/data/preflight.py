@@ -200,7 +200,7 @@ def _decode_all(
             f"{index.location}: {n_bad} of {info.samples} samples of split {info.name!r} are unreadable "
             f"({', '.join(f'{k}={v}' for k, v in bad.items())}), more than max_skip_frac={max_skip_frac}; e.g. "
             + "; ".join(examples)
-            + f". A label ({index.label.describe()}) must be a class of the index (0..{index.num_classes - 1}). "
+            + f". {_label_rule(index)}. Fix these shards or "
             + _fix(index)
         )
     data_counts = {name: labels[i] for i, name in enumerate(index.classes)}
@@ -214,6 +214,15 @@ def _decode_all(
             f"{index.location}: the labels in the shards disagree with the index ({'; '.join(diff[:5])}); " + _fix(index)
         )
     report.class_counts = data_counts
+
+
+def _label_rule(index: DataIndex) -> str:
+    if index.label.kind == "json":
+        return (
+            f"A json field {index.label.field!r} must hold an integer in [0, {index.num_classes}) or a class name "
+            f"of the index"
+        )
+    return f"A cls must be an integer in [0, {index.num_classes})"
 
 
 def _decodes(data: bytes | None) -> bool:
