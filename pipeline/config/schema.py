@@ -95,7 +95,7 @@ def data_path_problem(path: str) -> str | None:
     url = _URL.match(path)
     if url:
         scheme = url.group(1) or url.group(2)
-        local = f"; for a local file drop the scheme (data.path={path[len('file://'):]})" if scheme == "file" else ""
+        local = f"; for a local file drop the scheme (data.path={path[len('file://') :]})" if scheme == "file" else ""
         return (
             f"data.path {path!r}: the {scheme}: scheme is not supported; data.path must be a POSIX path on a file "
             f"system every node mounts (e.g. Lustre, GPFS, NFS): copy or mount the shards there, index them with "

@@ -59,6 +59,9 @@ class LabelSpec:
         return {"cls": "cls members", "json": f"json field {self.field!r}", "none": "none (unlabeled)"}[self.kind]
 
 
+CLS_LABELS = LabelSpec()  # the writer's layout, and the default
+
+
 @dataclass(frozen=True, slots=True)
 class ShardInfo:
     name: str  # path relative to the index file's directory (a bare file name for our own shards), or absolute
@@ -97,7 +100,7 @@ class DataIndex:
     seed: int = 0
     val_frac: float = 0.0
     format_version: int = FORMAT_VERSION
-    label: LabelSpec = LabelSpec()
+    label: LabelSpec = CLS_LABELS
     file: Path | None = None  # the index file; None: root / _info.json
 
     @property
@@ -236,7 +239,8 @@ def _parse_index(root: Path, file: Path, raw: Any) -> DataIndex:
 
     version = raw.get("format_version") if isinstance(raw, dict) else None
     need(isinstance(raw, dict), "the top level must be an object")
-    need(version in READ_VERSIONS, f"format_version is {version!r}, this code reads {', '.join(map(str, READ_VERSIONS))}")
+    readable = ", ".join(map(str, READ_VERSIONS))
+    need(version in READ_VERSIONS, f"format_version is {version!r}, this code reads {readable}")
     label = _parse_label(raw.get("label", {"kind": "cls"}), need)
     classes = raw.get("classes")
     need(
@@ -312,7 +316,8 @@ def _parse_split(name: str, raw: Any, num_classes: int, version: int, need: Any)
 def _parse_shard(s: Any, version: int) -> ShardInfo | None:
     if type(s) is not dict:
         return None
-    name, samples, size, sha, members = s.get("name"), s.get("samples"), s.get("bytes"), s.get("sha256"), s.get("members")
+    name, samples, size = s.get("name"), s.get("samples"), s.get("bytes")
+    sha, members = s.get("sha256"), s.get("members")
     ok = (
         type(name) is str
         and name != ""

@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config.schema import DataConfig
 from pipeline.data.errors import DataError, PreflightError
-from pipeline.data.index import DataIndex, LabelSpec, read_index
+from pipeline.data.index import CLS_LABELS, DataIndex, LabelSpec, read_index
 from pipeline.data.plan import EpochPlan, PastSplit, consumed_by_worker, emission_order, plan_epoch, rng
 from pipeline.data.preflight import check_geometry
 from pipeline.data.tario import SKIP_KINDS, RawSample, ReaderCache
@@ -171,7 +171,7 @@ class _Source:
     names: tuple[str, ...]
     counts: tuple[int, ...]
     num_classes: int
-    label: LabelSpec = LabelSpec()
+    label: LabelSpec = CLS_LABELS
     classes: tuple[str, ...] = ()  # json labels may name their class
     index: str = ""  # the index file, for messages
 

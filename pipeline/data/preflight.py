@@ -22,12 +22,12 @@ from pipeline.data.errors import PreflightError
 from pipeline.data.index import DataIndex, SplitInfo, read_index, sha256_file
 from pipeline.data.tario import ShardReader, is_tar
 
+
 def _fix(index: DataIndex) -> str:
     """How to rebuild the index's data set: re-write our own shards, re-index anybody else's."""
     if index.file is None and index.source.get("kind") != "index":
         return f"re-write the data set with `python -m pipeline.data.shards write --out {index.root} ... --overwrite`"
     return f"fix or remove them and re-index with `python -m pipeline.data.shards index SHARDS... --out {index.path}`"
-
 
 
 @dataclass
@@ -156,7 +156,9 @@ def _check_files(index: DataIndex, info: SplitInfo, *, checksum: bool, progress:
         elif checksum and shard.sha256 is not None:
             hashed += 1
             if (digest := sha256_file(p)) != shard.sha256:
-                problems.append(f"{p}: sha256 {digest[:12]}... differs from the index's {shard.sha256[:12]}... (corrupted)")
+                problems.append(
+                    f"{p}: sha256 {digest[:12]}... differs from the index's {shard.sha256[:12]}... (corrupted)"
+                )
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise PreflightError(
@@ -211,7 +213,8 @@ def _decode_all(
             if v != report.class_counts[k]
         ]
         raise PreflightError(
-            f"{index.location}: the labels in the shards disagree with the index ({'; '.join(diff[:5])}); " + _fix(index)
+            f"{index.location}: the labels in the shards disagree with the index ({'; '.join(diff[:5])}); "
+            + _fix(index)
         )
     report.class_counts = data_counts
 

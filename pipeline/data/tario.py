@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple
 
-from pipeline.data.index import LabelSpec
+from pipeline.data.index import CLS_LABELS, LabelSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class RawSample(NamedTuple):
     shard: str
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
     """``dir/abc.seg.jpg`` -> (``dir/abc``, ``seg.jpg``): the key ends at the first dot of the base name."""
     head, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
@@ -137,7 +137,13 @@ class ShardReader:
     """Forward reader of one shard; ``read(ordinals)`` with increasing ordinals reads the file once."""
 
     def __init__(
-        self, path: Path, *, expected: int, num_classes: int, label: LabelSpec = LabelSpec(), classes: tuple[str, ...] = ()
+        self,
+        path: Path,
+        *,
+        expected: int,
+        num_classes: int,
+        label: LabelSpec = CLS_LABELS,
+        classes: tuple[str, ...] = (),
     ) -> None:
         self.path = path
         self.name = path.name
@@ -217,11 +223,11 @@ class ShardReader:
         first = self._next_member()
         if first is None:
             return self._missing(ordinal)
-        key, _ = _split_name(first.name)
+        key, _ = split_name(first.name)
         members: dict[str, bytes | None] = {}
         member: Member | None = first
         while member is not None:
-            mkey, ext = _split_name(member.name)
+            mkey, ext = split_name(member.name)
             if mkey != key:
                 self._pending = member
                 break
@@ -269,15 +275,18 @@ class ShardReader:
         return RawSample(key, label, image, ext, None, self.name)
 
 
-def parse_label(raw: bytes | None, num_classes: int) -> int | None:
-    """The class index in a ``cls`` member, or None when it is absent, not an integer, or out of range."""
-    if raw is None:
-        return None
+def cls_value(raw: bytes) -> int | None:
+    """The integer a ``cls`` member holds as text (None when it is not one); the indexer counts the same way."""
     try:
-        label = int(raw.decode("ascii").strip())
+        return int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         return None
-    return label if 0 <= label < num_classes else None
+
+
+def parse_label(raw: bytes | None, num_classes: int) -> int | None:
+    """The class index in a ``cls`` member, or None when it is absent, not an integer, or out of range."""
+    label = cls_value(raw) if raw is not None else None
+    return label if label is not None and 0 <= label < num_classes else None
 
 
 def label_value(raw: bytes, field: str) -> object:
@@ -322,7 +331,7 @@ class ReaderCache:
         num_classes: int,
         size: int = 4,
         *,
-        label: LabelSpec = LabelSpec(),
+        label: LabelSpec = CLS_LABELS,
         classes: tuple[str, ...] = (),
     ) -> None:
         self.root, self.counts, self.num_classes, self.size = root, counts, num_classes, size
