@@ -355,6 +355,11 @@ class Config:
             f"finetune.freeze_blocks={self.finetune.freeze_blocks} exceeds model.depth={self.model.depth}",
         )
 
+    @property
+    def head_key(self) -> str:
+        """The key that sets the classifier's outputs (model.num_classes follows it when fine-tuning)."""
+        return "finetune.num_classes" if self.finetune.enabled else "model.num_classes"
+
     def batch_plan(self, world_size: int) -> BatchPlan:
         """Micro batch, accumulation and global batch for ``world_size`` ranks.
 

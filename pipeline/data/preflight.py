@@ -91,6 +91,28 @@ def check_geometry(
     return slots, per_slot, nb
 
 
+def check_classes(index: DataIndex, num_classes: int, *, key: str = "model.num_classes") -> str:
+    """The classifier head (``key`` = ``num_classes`` outputs) can take every label of the index.
+
+    Called by the launcher's preflight and by every rank before its first step: a label past the
+    head is an index error at step 1 on a CPU and a device-side assert on a GPU.
+    """
+    if index.label.kind == "none":
+        raise PreflightError(
+            f"{index.location} is indexed without labels (--unlabeled), but classification training needs a label "
+            f"per sample: re-index with `cls` members or `--label json:FIELD` (unlabeled data is for a "
+            f"self-supervised objective, which this pipeline does not have yet)"
+        )
+    have = index.num_classes
+    if have > num_classes:
+        raise PreflightError(
+            f"{index.location} has {have} classes but {key}={num_classes}: labels up to {have - 1} do not fit the "
+            f"head; set {key}={have} (or train on data with at most {num_classes} classes)"
+        )
+    unused = f" ({num_classes - have} outputs never a target)" if num_classes > have else ""
+    return f"{have} classes in the data, a head of {num_classes} ({key}){unused}"
+
+
 def preflight(
     path: str | Path,
     *,

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import BatchPlan, Config, config_to_dict, flatten, save_config
-from pipeline.data import MixupCutmix, build_loader, build_val_loader
+from pipeline.data import MixupCutmix, build_loader, build_val_loader, check_classes, read_index
 from pipeline.logs import setup_logging
 from pipeline.model import ViT, forward_macs
 from pipeline.tracking import experiment_for, open_tracker, pretrain_tags, run_name_for, run_tags
@@ -223,6 +223,7 @@ def _export_best(r: Run, top1: float) -> None:
 
 
 def _loaders(cfg: Config, env: DistEnv, plan: BatchPlan, device: ds.Device) -> tuple[Any, Any]:
+    log.info("data: %s", check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key))
     size = cfg.model.image_size
     image_size = tuple(size) if isinstance(size, tuple) else (size, size)
     train = build_loader(
