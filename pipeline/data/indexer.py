@@ -276,7 +276,13 @@ def build_index(
         label=label,
         file=None if out.name == INDEX_NAME else out,
     )
-    write_index(index, out)
+    try:
+        write_index(index, out)
+    except OSError as e:
+        raise PreflightError(
+            f"cannot write the index {out} ({e.strerror or e}); pass --out a path you can write (the shards may "
+            f"stay on a read-only mount: the index names them by path)"
+        ) from None
     return IndexReport(index, out, skipped, _notes(scans, label))
 
 
