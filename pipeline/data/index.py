@@ -25,11 +25,12 @@ byte of a data set that ``index`` otherwise reads only the tar headers of (see t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pipeline.config.schema import data_path_problem
 from pipeline.data.errors import PreflightError
@@ -62,19 +63,14 @@ class LabelSpec:
 CLS_LABELS = LabelSpec()  # the writer's layout, and the default
 
 
-@dataclass(frozen=True, slots=True)
-class ShardInfo:
+class ShardInfo(NamedTuple):
+    """One shard. A named tuple: every rank builds one per shard (100,000 of them load in well under a second)."""
+
     name: str  # path relative to the index file's directory (a bare file name for our own shards), or absolute
     samples: int
     bytes: int
-    sha256: str | None  # None: not recorded (indexed in place; see the module doc)
-    members: dict[str, int] | None = None  # member extension -> count (indexed shards)
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
-        if self.members is not None:
-            out["members"] = self.members
-        return out
+    sha256: str | None = None  # None: not recorded (indexed in place; see the module doc)
+    members: tuple[int, ...] | None = None  # member counts, one per SplitInfo.member_keys (indexed shards)
 
 
 @dataclass(frozen=True)
@@ -83,10 +79,28 @@ class SplitInfo:
     shards: tuple[ShardInfo, ...]
     class_counts: tuple[int, ...]
     unlabeled: int = 0  # samples without a usable label
+    member_keys: tuple[str, ...] = ()  # the member extensions seen, sorted (what ShardInfo.members counts)
 
     @property
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
+
+    def members(self) -> dict[str, int]:
+        """Member extension -> count over the split's shards (empty when not recorded)."""
+        totals = [sum(col) for col in zip(*(s.members for s in self.shards if s.members), strict=True)]
+        return dict(zip(self.member_keys, totals, strict=True)) if totals else {}
+
+    def shards_json(self) -> dict[str, Any]:
+        """The shards as columns: a list per field parses ~3x faster than an object per shard."""
+        shas = [s.sha256 for s in self.shards]
+        members = [list(s.members) if s.members else [] for s in self.shards]
+        return {
+            "name": [s.name for s in self.shards],
+            "samples": [s.samples for s in self.shards],
+            "bytes": [s.bytes for s in self.shards],
+            "sha256": shas if any(shas) else None,
+            "members": members if self.member_keys else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class DataIndex:
     format_version: int = FORMAT_VERSION
     label: LabelSpec = CLS_LABELS
     file: Path | None = None  # the index file; None: root / _info.json
+    _fingerprints: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -140,8 +155,10 @@ class DataIndex:
 
     def fingerprint(self, split: str) -> str:
         """Identifies the sample layout of a split (names and counts): positions mean the same samples."""
-        layout = [(s.name, s.samples) for s in self.splits[split].shards]
-        return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+        if split not in self._fingerprints:  # computed once: it hashes every shard name
+            layout = [(s.name, s.samples) for s in self.splits[split].shards]
+            self._fingerprints[split] = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+        return self._fingerprints[split]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -158,7 +175,8 @@ class DataIndex:
                     "samples": info.samples,
                     "class_counts": list(info.class_counts),
                     "unlabeled": info.unlabeled,
-                    "shards": [s.to_json() for s in info.shards],
+                    "member_keys": list(info.member_keys),
+                    "shards": info.shards_json(),
                 }
                 for name, info in self.splits.items()
             },
@@ -198,6 +216,18 @@ def read_index(path: str | Path) -> DataIndex:
         file = given
     else:
         raise PreflightError(_missing_message(given))
+    st = file.stat()
+    key = (str(file.absolute()), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _CACHE:
+        _CACHE.clear()  # one data set per process, and it is read several times (checks, train, val)
+        _CACHE[key] = _load(file, given)
+    return _CACHE[key]
+
+
+_CACHE: dict[tuple[str, int, int, int], DataIndex] = {}
+
+
+def _load(file: Path, given: Path) -> DataIndex:
     try:
         raw = json.loads(file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -280,6 +310,15 @@ def _parse_label(raw: Any, need: Any) -> LabelSpec:
     return LabelSpec(raw["kind"], field_name if raw["kind"] == "json" else "")
 
 
+def _all_type(values: list, kind: type) -> bool:
+    return set(map(type, values)) <= {kind}  # C loops: the columns of 100k shards check in milliseconds
+
+
+def _counts(values: list) -> bool:
+    """Non-negative integers (``bool`` is not one)."""
+    return _all_type(values, int) and (not values or min(values) >= 0)
+
+
 def _is_count(v: Any) -> bool:
     return type(v) is int and v >= 0  # not bool
 
@@ -294,17 +333,13 @@ def _parse_split(name: str, raw: Any, num_classes: int, version: int, need: Any)
     )
     unlabeled = raw.get("unlabeled", 0)
     need(_is_count(unlabeled), f"split {name!r}: 'unlabeled' must be a non-negative integer, got {unlabeled!r}")
-    shards_raw = raw.get("shards")
-    need(isinstance(shards_raw, list), f"split {name!r}: 'shards' must be a list")
-    shards = [_parse_shard(s, version) for s in shards_raw]  # one pass, the fast path: 100k shards load in ~0.2 s
-    if None in shards:
-        i = shards.index(None)
-        need(
-            False,
-            f"split {name!r}: shard #{i} must have name (a {'file name' if version == 1 else 'path'}), samples, "
-            f"bytes, sha256{' and members' if version > 1 else ''}, got {_short(shards_raw[i])}",
-        )
-    info = SplitInfo(name, tuple(shards), tuple(counts), unlabeled)  # type: ignore[arg-type]
+    keys = raw.get("member_keys", [])
+    need(isinstance(keys, list) and all(isinstance(k, str) for k in keys), f"split {name!r}: bad 'member_keys'")
+    if version == 1 or isinstance(raw.get("shards"), list):
+        shards = _parse_shard_rows(name, raw.get("shards"), version, need)
+    else:
+        shards = _parse_shard_columns(name, raw.get("shards"), len(keys), need)
+    info = SplitInfo(name, shards, tuple(counts), unlabeled, tuple(keys))
     need(
         sum(counts) + unlabeled == info.samples,
         f"split {name!r}: class_counts sum to {sum(counts)} (+ {unlabeled} unlabeled) but the shards hold "
@@ -313,23 +348,56 @@ def _parse_split(name: str, raw: Any, num_classes: int, version: int, need: Any)
     return info
 
 
-def _parse_shard(s: Any, version: int) -> ShardInfo | None:
-    if type(s) is not dict:
-        return None
-    name, samples, size = s.get("name"), s.get("samples"), s.get("bytes")
-    sha, members = s.get("sha256"), s.get("members")
-    ok = (
-        type(name) is str
-        and name != ""
-        and type(samples) is int
-        and samples >= 0
-        and type(size) is int
-        and size >= 0
-        and (type(sha) is str or (sha is None and version > 1))
-        and (members is None or type(members) is dict)
-        and ("/" not in name or version > 1)
+def _parse_shard_rows(name: str, raw: Any, version: int, need: Any) -> tuple[ShardInfo, ...]:
+    """Format 1's list of shard objects; format 2 reads it too (a hand-written index), with paths and no sha256."""
+    need(isinstance(raw, list), f"split {name!r}: 'shards' must be a list")
+    shards = []
+    for i, s in enumerate(raw):
+        ok = (
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and s["name"] != ""
+            and ("/" not in s["name"] or version > 1)
+            and all(_is_count(s.get(k)) for k in ("samples", "bytes"))
+            and (isinstance(s.get("sha256"), str) or (version > 1 and s.get("sha256") is None))
+        )
+        what = "name (a file name), samples, bytes and sha256" if version == 1 else "name, samples and bytes"
+        need(ok, f"split {name!r}: shard #{i} must have {what}, got {_short(s)}")
+        shards.append(ShardInfo(s["name"], s["samples"], s["bytes"], s.get("sha256")))
+    return tuple(shards)
+
+
+def _parse_shard_columns(name: str, raw: Any, n_keys: int, need: Any) -> tuple[ShardInfo, ...]:
+    """Columns checked whole (C-speed ``all`` over each list), then zipped into ShardInfo tuples."""
+    need(isinstance(raw, dict), f"split {name!r}: 'shards' must be an object of columns (name, samples, bytes, ...)")
+    names, samples, sizes = raw.get("name"), raw.get("samples"), raw.get("bytes")
+    need(isinstance(names, list), f"split {name!r}: 'shards.name' must be a list of paths")
+    n = len(names)
+    need(_all_type(names, str) and "" not in names, f"split {name!r}: every shard name must be a non-empty path")
+    for field_name, column in (("samples", samples), ("bytes", sizes)):
+        need(
+            isinstance(column, list) and len(column) == n and _counts(column),
+            f"split {name!r}: 'shards.{field_name}' must be {n} non-negative integers, got {_short(column)}",
+        )
+    shas, members = raw.get("sha256"), raw.get("members")
+    need(
+        shas is None or (isinstance(shas, list) and len(shas) == n and all(v is None or type(v) is str for v in shas)),
+        f"split {name!r}: 'shards.sha256' must be null or {n} hex digests (or nulls)",
     )
-    return ShardInfo(name, samples, size, sha, members) if ok else None
+    need(
+        members is None
+        or (
+            isinstance(members, list)
+            and len(members) == n
+            and _all_type(members, list)
+            and set(map(len, members)) <= {n_keys}
+            and _counts(list(itertools.chain.from_iterable(members)))
+        ),
+        f"split {name!r}: 'shards.members' must be null or {n} lists of {n_keys} counts (one per member_keys)",
+    )
+    shas = shas if shas is not None else [None] * n
+    counts = map(tuple, members) if members is not None else [None] * n
+    return tuple(map(ShardInfo, names, samples, sizes, shas, counts))
 
 
 def _short(value: Any) -> str:

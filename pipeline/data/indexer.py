@@ -215,10 +215,7 @@ class IndexReport:
         idx = self.index
         lines = [f"{self.path}: {idx.num_classes or 'no'} classes, labels from {idx.label.describe()}"]
         for name, info in idx.splits.items():
-            members = Counter()
-            for s in info.shards:
-                members.update(s.members or {})
-            seen = ", ".join(f"{k}={v}" for k, v in sorted(members.items()))
+            seen = ", ".join(f"{k}={v}" for k, v in info.members().items())
             lines.append(f"  {name}: {info.samples} samples in {len(info.shards)} shards (members: {seen})")
         lines += [f"  left out: {s}" for s in self.skipped_shards]
         lines += [f"note: {n}" for n in self.notes]
@@ -365,14 +362,15 @@ def _split(name: str, scans: list[ShardScan], label: LabelSpec, classes: list[st
     ids = {c: i for i, c in enumerate(classes)} if label.kind == "json" else {}
     counts = [0] * len(classes)
     unlabeled = 0
+    keys = tuple(sorted({k for s in scans for k in s.members}))
     shards = []
     for s in scans:
         for value, n in s.labels.items():
             counts[ids[value] if isinstance(value, str) else value] += n
         unlabeled += s.unlabeled
-        sha = s.sha256
-        shards.append(ShardInfo(_relative(s.path, base), s.samples, s.bytes, sha, dict(sorted(s.members.items()))))
-    return SplitInfo(name, tuple(shards), tuple(counts), unlabeled)
+        members = tuple(s.members.get(k, 0) for k in keys)
+        shards.append(ShardInfo(_relative(s.path, base), s.samples, s.bytes, s.sha256, members))
+    return SplitInfo(name, tuple(shards), tuple(counts), unlabeled, keys)
 
 
 def _relative(path: str, base: Path) -> str:

@@ -613,7 +613,8 @@ def build_loader(
     index = read_index(cfg.path)
     info = index.split(cfg.train_split)
     check_geometry(index, info, ranks=world_size, workers=cfg.num_workers, batch_size=batch_size)
-    _warn_missing(index, cfg.train_split)
+    if rank == 0:  # a stat per shard: once per job, not once per rank (100k shards on a parallel file system)
+        _warn_missing(index, cfg.train_split)
     stream = TrainStream(
         source=_Source.of(index, cfg.train_split),
         look=_Look.of(cfg, image_size),
@@ -765,7 +766,8 @@ def build_val_loader(
     _check_args(rank, world_size, batch_size, image_size)
     index = read_index(cfg.path)
     index.split(cfg.val_split)
-    _warn_missing(index, cfg.val_split)
+    if rank == 0:
+        _warn_missing(index, cfg.val_split)
     stream = ValStream(
         _Source.of(index, cfg.val_split),
         _Look.of(cfg, image_size),

@@ -98,6 +98,8 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
         torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
     ds.init_distributed(device)
     plan = cfg.batch_plan(env.world_size)
+    # Before any weights exist: a label past the head would fail at step 1 (a device-side assert on a GPU).
+    log.info("data: %s", check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key))
     run_dir = Path(cfg.train.run_dir).absolute()
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +225,6 @@ def _export_best(r: Run, top1: float) -> None:
 
 
 def _loaders(cfg: Config, env: DistEnv, plan: BatchPlan, device: ds.Device) -> tuple[Any, Any]:
-    log.info("data: %s", check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key))
     size = cfg.model.image_size
     image_size = tuple(size) if isinstance(size, tuple) else (size, size)
     train = build_loader(

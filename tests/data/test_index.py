@@ -78,8 +78,10 @@ def test_shardwriter_shards_index_check_and_load(shardwriter_shards: Path, tmp_p
     assert raw["format_version"] == 2 and raw["classes"] == ["0", "1", "2", "3"]
     train = raw["splits"]["train"]
     assert train["class_counts"] == [89, 90, 90, 90] and train["unlabeled"] == 1  # n00000200 is class 0
-    assert [s["name"] for s in train["shards"]] == [str(shardwriter_shards / f"train-{i:06d}.tar") for i in range(8)]
-    assert all(s["sha256"] is None and s["members"] == {"cls": 45, "jpg": 45, "json": 45} for s in train["shards"])
+    columns = train["shards"]  # one list per field: fast to load with 100,000 shards
+    assert columns["name"] == [str(shardwriter_shards / f"train-{i:06d}.tar") for i in range(8)]
+    assert columns["samples"] == [45] * 8 and columns["sha256"] is None
+    assert train["member_keys"] == ["cls", "jpg", "json"] and columns["members"] == [[45, 45, 45]] * 8
     assert_counts_match_tar(out)
 
     strict = shards("check", out, "--decode", "--no-progress")
@@ -227,7 +229,7 @@ def test_relative_names_when_the_index_sits_beside_the_shards(gnu_tar_shards: Pa
     copy = Path(shutil.copytree(gnu_tar_shards, tmp_path / "data" / "shards"))
     ok(shards("index", copy, "--val-frac", "0", "--out", tmp_path / "data", "--no-progress"))
     raw = json.loads((tmp_path / "data" / INDEX_NAME).read_text())
-    assert [s["name"] for s in raw["splits"]["train"]["shards"]][:2] == ["shards/train-0.tar", "shards/train-1.tar"]
+    assert raw["splits"]["train"]["shards"]["name"][:2] == ["shards/train-0.tar", "shards/train-1.tar"]
     moved = Path(shutil.move(tmp_path / "data", tmp_path / "moved"))  # index and shards move together
     assert preflight(moved, batch_size=8).samples == 400
 
@@ -285,8 +287,10 @@ def test_format_1_indexes_still_load(synthetic_shards: Path, tmp_path: Path) -> 
     raw.pop("label")
     for split in raw["splits"].values():
         split.pop("unlabeled")
-        for shard in split["shards"]:
-            shard.pop("members", None)
+        split.pop("member_keys")
+        cols = split["shards"]
+        rows = zip(cols["name"], cols["samples"], cols["bytes"], cols["sha256"], strict=True)
+        split["shards"] = [dict(zip(("name", "samples", "bytes", "sha256"), row, strict=True)) for row in rows]
     (copy / INDEX_NAME).write_text(json.dumps(raw))
     index = read_index(copy)
     assert index.format_version == 1 and index.label.kind == "cls" and index.splits["train"].samples == 360
