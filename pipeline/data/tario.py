@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple
 
@@ -90,7 +91,7 @@ class TarHeaders:
                 size = _number(block[124:136])
             except ValueError:
                 raise TarBroken(f"no tar header at byte {start}") from None
-            if stored != sum(block) - sum(block[148:156]) + 256:  # the checksum field counts as 8 spaces
+            if not _checksum_ok(block, stored):
                 raise TarBroken(f"bad header checksum at byte {start}")
             kind = block[156:157]
             size = int(pax.get("size", size))
@@ -110,6 +111,22 @@ class TarHeaders:
             if prefix:
                 name = prefix.decode("utf-8", "replace") + "/" + name
             return Member(pax.get("path") or long_name or name, start + 512, size)
+
+
+def _checksum_ok(block: bytes, stored: int) -> bool:
+    """``stored == sum(block)`` with the checksum field counted as 8 spaces, without a Python loop per byte.
+
+    ``sum(block)`` iterates 512 ints in Python, most of a header's parse cost. The sum is found from two
+    C-speed residues instead: a byte string's value mod 255 is its byte sum mod 255 (256 = 1 mod 255),
+    and adler32's low half is 1 + the byte sum mod 65521. A sum lies in [0, 512 x 255], which is less
+    than 255 x 65521, so the two residues fix it exactly (Chinese remainder theorem).
+    """
+    total = stored + sum(block[148:156]) - 8 * 32  # what sum(block) must be
+    return (
+        0 <= total <= 512 * 255
+        and total % 255 == int.from_bytes(block, "little") % 255
+        and (total + 1) % 65521 == zlib.adler32(block) & 0xFFFF
+    )
 
 
 def _pax_records(data: bytes) -> dict[str, str]:

@@ -8,6 +8,7 @@ DeepSpeed's universal format first (ZeRO 1-3); see the README for what is exact 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -124,7 +125,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
         _seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams for dropout/mixup
     train_loader, val_loader = _loaders(cfg, env, plan, device)
     if info is not None:
-        train_loader.load_state_dict(state["loader"])
+        train_loader.load_state_dict(_loader_state(info, env, state))
     tracker = _tracker(cfg, env, run_dir, state, overrides, info, init_report)
     state["run_id"] = tracker.run_id
     if env.rank == 0:
@@ -242,6 +243,22 @@ def _rng_path(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"rng_rank{rank}.pt"
 
 
+def _loader_path(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"loader_rank{rank}.json"
+
+
+def _loader_state(info: ResumeInfo, env: DistEnv, state: dict) -> dict:
+    """This rank's own loader state (its skip counters), else rank 0's (the position is the same on all ranks).
+
+    Only rank 0 writes trainer_state.json; without its own file, rank r would restart its counts of
+    skipped samples from 0 and data.max_skip_frac would be judged on part of the run.
+    """
+    path = _loader_path(info.path, env.rank)
+    if info.world_size == env.world_size and path.exists():
+        return json.loads(path.read_text())
+    return state["loader"]
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -299,6 +316,7 @@ def save_checkpoint(r: Run) -> Path:
     t0 = time.perf_counter()
     ds.save(r.engine, ckpt_dir, tag)
     torch.save(_rng_state(), _rng_path(tag_dir, r.env.rank))
+    ckpt.atomic_write(_loader_path(tag_dir, r.env.rank), json.dumps(r.train_loader.state_dict()))
     if r.env.rank == 0:
         state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
         ckpt.write_state(tag_dir, state)
