@@ -47,11 +47,11 @@ def assert_learned(run_dir: Path) -> None:
     assert metrics(run_dir)[STEPS]["eval/top1"] >= 0.8
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_shardwriter_shards_learn_and_resume_exactly(shardwriter_shards: Path, tmp_path: Path) -> None:
     data = index(tmp_path / "wds.json", f"{shardwriter_shards}/train-*.tar", "--val", shardwriter_shards / "val-*.tar")
     reference = tmp_path / "reference"
-    assert_ok(train(2, overrides(data, reference)))
+    assert_ok(train(2, overrides(data, reference), timeout=420))
     assert_learned(reference)
     end = metrics(reference)[STEPS]
     assert end[SKIPS[0]] >= 1 and end[SKIPS[1]] >= 1  # the bad samples were met, counted and stood in for
@@ -61,7 +61,7 @@ def test_shardwriter_shards_learn_and_resume_exactly(shardwriter_shards: Path, t
     for tag in ("step_00000020", "step_00000015"):
         shutil.rmtree(resumed / "checkpoints" / tag)
     (resumed / "checkpoints" / "latest").write_text("step_00000010")
-    proc = train(2, overrides(data, resumed))
+    proc = train(2, overrides(data, resumed), timeout=420)
     assert_ok(proc)
     assert "resumed from" in proc.stdout and "step_00000010" in proc.stdout
     ref, got = losses(reference), losses(resumed)
@@ -76,7 +76,7 @@ def test_shardwriter_shards_learn_and_resume_exactly(shardwriter_shards: Path, t
 def test_gnu_tar_shards_from_brace_pattern_and_glob_learn(gnu_tar_shards: Path, tmp_path: Path) -> None:
     data = index(tmp_path / "gnu.json", f"{gnu_tar_shards}/train-{{0..7}}.tar", "--val", f"{gnu_tar_shards}/val-*")
     run_dir = tmp_path / "run"
-    proc = train(2, overrides(data, run_dir))
+    proc = train(2, overrides(data, run_dir), timeout=420)
     assert_ok(proc)
     assert "data: 4 classes in the data, a head of 4 (model.num_classes)" in proc.stdout
     assert_learned(run_dir)
@@ -104,7 +104,7 @@ def test_png_webp_json_labels_on_a_read_only_mount_learn(readonly_json_shards: P
     src = readonly_json_shards
     data = index(tmp_path / "json.json", f"{src}/train-*.tar", "--val", src / "val-0.tar", "--label", "json:label")
     run_dir = tmp_path / "run"
-    assert_ok(train(2, overrides(data, run_dir)))
+    assert_ok(train(2, overrides(data, run_dir), timeout=420))
     assert_learned(run_dir)
     assert not any(p.suffix == ".json" for p in src.iterdir())  # nothing was written beside the shards
 
