@@ -180,10 +180,10 @@ def scan_all(paths: Sequence[str], label: LabelSpec, *, jobs: int, sha256: bool,
     bar = tqdm(total=len(work), desc="indexing", unit="shard", disable=not progress)
     out: list[ShardScan] = []
     samples = 0
+    pool = None
     try:
         if jobs <= 1 or len(work) < 2:
             results = map(_scan_job, work)
-            pool = None
         else:
             # fork: a worker needs nothing but this module; the CLI process runs no threads
             pool = mp.get_context("fork").Pool(min(jobs, len(work)))
