@@ -1,6 +1,6 @@
-"""Loader throughput vs a bare decode + crop loop on the same JPEGs.
+"""Loader throughput vs a bare decode + crop loop on the same JPEGs; shard indexing and index loading.
 
-    python bench/data.py [--quick] [--n 2048] [--src-size 256] [--size 224] [--batch 64]
+    python bench/data.py [--quick] [--only loader|index] [--n 2048] [--src-size 256] [--size 224] [--batch 64]
 
 Writes synthetic JPEG shards to a temp dir, then measures images/s (steady state, first batch
 excluded) of:
@@ -9,6 +9,13 @@ excluded) of:
   to-tensor + normalise, batched, in this process, no WebDataset and no DataLoader;
 * bare loop with the loader's own decode functions (PIL and torchvision decoders);
 * ``build_loader`` with 0 workers (in process), 1 worker (the per-worker figure), and 2 workers.
+
+Index (``--only index``): webdataset ``ShardWriter`` shards (jpg 4 KB, cls, json), indexed by
+``shards index`` (tar headers and label members only) in one process and in one process per CPU,
+against GNU ``tar -tf`` run on one shard after another (the listing a shell loop would make); the
+page cache is warm for both. Then an index of 100,000 shards is loaded as a rank loads it
+(``read_index`` + the layout fingerprint), in a fresh process. Goals: one process faster than
+``tar -tf``; loading < 2 s.
 
 Goal: loader with 1 worker / bare loop >= 0.8. Torch runs 1 thread in every process (DataLoader
 workers use 1 by default). With workers, the worker decodes and crops and the main process converts
@@ -21,6 +28,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -89,9 +99,93 @@ def loader_batches(root: Path, size: int, batch: int, workers: int, decoder: str
             yield images
 
 
+def make_foreign_shards(root: Path, shards: int, per_shard: int) -> list[Path]:
+    """Shards as public WebDataset copies look: webdataset's ShardWriter, jpg + cls + json per sample."""
+    import webdataset as wds
+
+    gen = np.random.default_rng(0)
+    payload = [gen.integers(0, 256, 4096, dtype=np.uint8).tobytes() for _ in range(16)]  # never decoded here
+    with wds.ShardWriter(str(root / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(shards * per_shard):
+            sink.write({"__key__": f"s{i:09d}", "jpg": payload[i % 16], "cls": i % 1000, "json": {"label": i % 1000}})
+    return sorted(root.glob("train-*.tar"))
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (tar, the index's worker processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """(wall s, CPU s) of the fastest of ``repeat`` runs: on a shared machine CPU time is the steadier one."""
+    best = (float("inf"), float("inf"))
+    for _ in range(repeat):
+        t, c = time.perf_counter(), _cpu()
+        fn()
+        best = min(best, (time.perf_counter() - t, _cpu() - c))
+    return best
+
+
+def index_bench(shards: int, per_shard: int, repeat: int, big: int) -> None:
+    from pipeline.data.index import CLS_LABELS
+    from pipeline.data.indexer import scan_all
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_foreign_shards(Path(tmp), shards, per_shard)
+        members = shards * per_shard * 3
+        names = [str(p) for p in paths]
+        tar_tf = lambda: [subprocess.run(["tar", "-tf", n], check=True, capture_output=True) for n in names]  # noqa: E731
+        rows = [("GNU tar -tf, one shard after another", timed(tar_tf, repeat))]
+        for jobs in sorted({1, os.cpu_count() or 1}):
+            scan = partial(scan_all, names, CLS_LABELS, jobs=jobs, sha256=False, progress=False)
+            rows.append((f"shards index, {jobs} process{'es' if jobs > 1 else ''}", timed(scan, repeat)))
+        size = sum(p.stat().st_size for p in paths) / 2**20
+    print(f"\nindexing {shards} shards x {per_shard} samples ({members} members, {size:.0f} MiB), best of {repeat}")
+    print("| method | wall s | CPU s | shards/s | members/s | speed / tar -tf (wall) |\n|---|---|---|---|---|---|")
+    for name, (s, cpu) in rows:
+        print(f"| {name} | {s:.3f} | {cpu:.3f} | {shards / s:.0f} | {members / s:.0f} | {rows[0][1][0] / s:.2f}x |")
+    load_bench(big, repeat)
+
+
+LOAD = """
+import sys, time
+from pipeline.data.index import read_index
+t, c = time.perf_counter(), time.process_time()
+index = read_index(sys.argv[1])
+index.fingerprint("train")
+print(time.perf_counter() - t, time.process_time() - c, index.splits["train"].samples)
+"""
+
+
+def load_bench(n: int, repeat: int) -> None:
+    """A rank's load of an index of ``n`` shards: read + validate + fingerprint, in a fresh interpreter."""
+    from pipeline.data.index import DataIndex, ShardInfo, SplitInfo, write_index
+
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "big.json"
+        shards = tuple(
+            ShardInfo(f"/datasets/laion/{i:08d}.tar", 1000, 400 << 20, None, (1000, 1000, 1000)) for i in range(n)
+        )
+        split = SplitInfo("train", shards, (n * 1000,), 0, ("cls", "jpg", "json"))
+        write_index(DataIndex(root=Path(tmp), classes=("0",), splits={"train": split}, file=file))
+        runs = []
+        for _ in range(repeat):
+            out = subprocess.run([sys.executable, "-c", LOAD, str(file)], check=True, capture_output=True, text=True)
+            runs.append(tuple(map(float, out.stdout.split()[:2])))
+        mib = file.stat().st_size / 2**20
+    (wall, cpu), worst = min(runs), max(runs)
+    print(f"\nindex of {n} shards ({mib:.1f} MiB JSON) loaded by a rank (read, validate, fingerprint): best "
+          f"{wall:.2f} s wall / {cpu:.2f} s CPU, worst {worst[0]:.2f} s wall of {repeat} (goal < 2 s)")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small run (a smoke test of the script)")
+    p.add_argument("--only", choices=("loader", "index"), help="run one of the two benchmarks")
+    p.add_argument("--index-shards", type=int, default=100, help="index: shards written")
+    p.add_argument("--index-samples", type=int, default=500, help="index: samples per shard")
+    p.add_argument("--index-load", type=int, default=100_000, help="index: shards in the index whose load is timed")
     p.add_argument("--n", type=int, default=2048, help="synthetic images written")
     p.add_argument("--src-size", type=int, default=256, help="side of the stored JPEGs")
     p.add_argument("--size", type=int, default=224, help="train crop side")
@@ -100,6 +194,14 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.n, a.src_size, a.size, a.batch, a.repeat = 256, 128, 112, 32, 1
+        a.index_shards, a.index_samples, a.index_load = 8, 50, 1000
+    if a.only != "loader":
+        index_bench(a.index_shards, a.index_samples, a.repeat, a.index_load)
+    if a.only != "index":
+        loader_bench(a)
+
+
+def loader_bench(a: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     measure = a.n - 2 * a.batch  # images timed per row
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,6 +37,16 @@ def check_data(cfg: Config) -> str:
     )
 
 
+def check_classes(cfg: Config) -> str:
+    """The classifier head has an output for every class of the data (and the data has labels)."""
+    from pipeline.data import PreflightError, check_classes, read_index
+
+    try:
+        return "classes: " + check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key)
+    except PreflightError as e:
+        raise Refused(f"data preflight: {e}") from None
+
+
 def check_run_dir(run_dir: Path) -> str:
     """The run dir exists (created if needed) and this user can write files into it."""
     try:

@@ -36,7 +36,8 @@ def bind_paths(*, data: Path, run_dir: Path, submitit_dir: Path, source: Path) -
     """--bind entries: data and source read-only; the run dir (checkpoints, logs) and the submitit
     folder writable. A path already inside another bound writable path is not bound twice."""
     writable = [run_dir.absolute(), submitit_dir.absolute()]
-    read_only = [data.absolute(), source.absolute()]
+    data = data.absolute() if not data.is_file() else data.absolute().parent  # an index file: its shards' tree
+    read_only = [data, source.absolute()]
     binds = [_bind_spec(p, False) for p in writable if not _covered(p, writable)]
     binds += [_bind_spec(p, True) for p in dict.fromkeys(read_only) if not _covered(p, writable)]
     return binds

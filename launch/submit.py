@@ -193,6 +193,7 @@ def run_checks(cfg: Config, kind: str) -> list[str]:
                 f"but this machine has {have}; lower --nodes/--gpus-per-node, or submit where SLURM is available"
             )
     done.append(checks.check_data(cfg))
+    done.append(checks.check_classes(cfg))
     return done
 
 

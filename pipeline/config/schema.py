@@ -8,6 +8,8 @@ files hold only what differs (``configs/``), loaded strictly by :mod:`pipeline.c
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -80,11 +82,41 @@ class ModelConfig:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://|^(pipe):")
+_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+
+def data_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a data.path (a URL, a pipe, a brace pattern), or None; the message names the fix.
+
+    Every rank opens the shards by seeking in them (exact resume reads samples by position), so the
+    data must be files on a file system the nodes share, not a stream.
+    """
+    url = _URL.match(path)
+    if url:
+        scheme = url.group(1) or url.group(2)
+        local = f"; for a local file drop the scheme (data.path={path[len('file://') :]})" if scheme == "file" else ""
+        return (
+            f"data.path {path!r}: the {scheme}: scheme is not supported; data.path must be a POSIX path on a file "
+            f"system every node mounts (e.g. Lustre, GPFS, NFS): copy or mount the shards there, index them with "
+            f"`python -m pipeline.data.shards index SHARDS... --out INDEX.json` and set data.path=INDEX.json{local}"
+        )
+    if (_BRACES.search(path) or any(c in path for c in "*?[")) and not os.path.exists(path):
+        return (
+            f"data.path {path!r} is a shard pattern, not a data set: index the shards it names first with "
+            f"`python -m pipeline.data.shards index '{path}' --out INDEX.json` (it takes brace patterns and globs), "
+            f"then set data.path=INDEX.json"
+        )
+    return None
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and how samples become batches (see pipeline/data)."""
 
-    path: str = "runs/data/synthetic"  # a directory written by `python -m pipeline.data.shards write`
+    # A shard directory holding _info.json (`python -m pipeline.data.shards write`), or an index file
+    # (`python -m pipeline.data.shards index`) that names shards anywhere; a POSIX path the nodes share.
+    path: str = "runs/data/synthetic"
     train_split: str = "train"
     val_split: str = "val"
     num_workers: int = 2  # DataLoader workers per rank
@@ -107,7 +139,9 @@ class DataConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.path != "", "data.path is empty; set it to a shard directory")
+        _require(self.path != "", "data.path is empty; set it to a shard directory or an index file")
+        problem = data_path_problem(self.path)
+        _require(problem is None, problem or "")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1 (1 = no shuffle)")
         lo, hi = self.crop_scale
@@ -320,6 +354,11 @@ class Config:
             self.finetune.freeze_blocks <= self.model.depth,
             f"finetune.freeze_blocks={self.finetune.freeze_blocks} exceeds model.depth={self.model.depth}",
         )
+
+    @property
+    def head_key(self) -> str:
+        """The key that sets the classifier's outputs (model.num_classes follows it when fine-tuning)."""
+        return "finetune.num_classes" if self.finetune.enabled else "model.num_classes"
 
     def batch_plan(self, world_size: int) -> BatchPlan:
         """Micro batch, accumulation and global batch for ``world_size`` ranks.

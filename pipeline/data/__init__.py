@@ -5,11 +5,12 @@ Public API (the training engine, launcher and fine-tune code call these)::
     build_loader(cfg.data, rank=, world_size=, batch_size=, image_size=, seed=, pin_memory=False)
     build_val_loader(cfg.data, rank=, world_size=, batch_size=, image_size=)
     preflight(path, split=, ranks=, workers=, decode=) -> PreflightReport
+    check_classes(index, num_classes, key=) -> str   (the head fits the labels; labels exist)
     read_index(path) -> DataIndex
     MixupCutmix(cfg.data, num_classes, seed=, rank=), soft_target_cross_entropy(logits, targets)
     write_synthetic(...), write_digits(...), write_imagefolder(...)
 
-CLI: ``python -m pipeline.data.shards write|check`` (see :mod:`pipeline.data.shards`).
+CLI: ``python -m pipeline.data.shards write|index|check`` (see :mod:`pipeline.data.shards`).
 Design: :mod:`pipeline.data.loader` (streams) and :mod:`pipeline.data.plan` (the arithmetic).
 """
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.data.errors import DataError, PreflightError
 from pipeline.data.index import DataIndex, read_index
-from pipeline.data.preflight import PreflightReport, preflight  # binds the function over the submodule's name
+from pipeline.data.preflight import PreflightReport, check_classes, preflight  # binds preflight over the submodule
 
 # The rest loads on first use: the preflight CLI and the launcher run without importing torch.
 _LAZY = {
@@ -60,6 +61,7 @@ __all__ = [
     "ValLoader",
     "build_loader",
     "build_val_loader",
+    "check_classes",
     "one_hot",
     "preflight",
     "read_index",

@@ -59,8 +59,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.errors import DataError
-from pipeline.data.index import DataIndex, read_index
+from pipeline.data.errors import DataError, PreflightError
+from pipeline.data.index import CLS_LABELS, DataIndex, LabelSpec, read_index
 from pipeline.data.plan import EpochPlan, PastSplit, consumed_by_worker, emission_order, plan_epoch, rng
 from pipeline.data.preflight import check_geometry
 from pipeline.data.tario import SKIP_KINDS, RawSample, ReaderCache
@@ -171,19 +171,33 @@ class _Source:
     names: tuple[str, ...]
     counts: tuple[int, ...]
     num_classes: int
+    label: LabelSpec = CLS_LABELS
+    classes: tuple[str, ...] = ()  # json labels may name their class
+    index: str = ""  # the index file, for messages
 
     @classmethod
     def of(cls, index: DataIndex, split: str) -> _Source:
         info = index.split(split)
+        if index.label.kind == "none":
+            # Batches carry labels, and -1 marks an unreadable entry; unlabeled data needs an objective
+            # that reads no labels (e.g. MAE), which this loader does not serve yet.
+            raise PreflightError(
+                f"{index.path} is indexed without labels (--unlabeled); the train/val loaders feed a classification "
+                f"objective, which needs one: re-index with `cls` members or `--label json:FIELD`"
+            )
         return cls(
             str(index.root),
             tuple(s.name for s in info.shards),
             tuple(s.samples for s in info.shards),
             index.num_classes,
+            index.label,
+            index.classes if index.label.kind == "json" else (),
+            str(index.path),
         )
 
     def readers(self) -> ReaderCache:
-        return ReaderCache(Path(self.root), dict(zip(self.names, self.counts, strict=True)), self.num_classes)
+        counts = dict(zip(self.names, self.counts, strict=True))
+        return ReaderCache(Path(self.root), counts, self.num_classes, label=self.label, classes=self.classes)
 
 
 @dataclass(frozen=True)
@@ -332,7 +346,7 @@ class _SlotEpoch:
         raise DataError(
             f"data: worker slot {self.slot} of epoch {self.plan.epoch} has no readable sample in its "
             f"{len(self.piece)} samples (shards {', '.join(sorted(self.tally.bad_shards)[:5])}); "
-            f"check the data with `python -m pipeline.data.shards check {self.s.source.root} --decode`"
+            f"check the data with `python -m pipeline.data.shards check {self.s.source.index} --decode`"
         )
 
 
@@ -599,7 +613,8 @@ def build_loader(
     index = read_index(cfg.path)
     info = index.split(cfg.train_split)
     check_geometry(index, info, ranks=world_size, workers=cfg.num_workers, batch_size=batch_size)
-    _warn_missing(index, cfg.train_split)
+    if rank == 0:  # a stat per shard: once per job, not once per rank (100k shards on a parallel file system)
+        _warn_missing(index, cfg.train_split)
     stream = TrainStream(
         source=_Source.of(index, cfg.train_split),
         look=_Look.of(cfg, image_size),
@@ -751,7 +766,8 @@ def build_val_loader(
     _check_args(rank, world_size, batch_size, image_size)
     index = read_index(cfg.path)
     index.split(cfg.val_split)
-    _warn_missing(index, cfg.val_split)
+    if rank == 0:
+        _warn_missing(index, cfg.val_split)
     stream = ValStream(
         _Source.of(index, cfg.val_split),
         _Look.of(cfg, image_size),

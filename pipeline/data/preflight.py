@@ -22,7 +22,12 @@ from pipeline.data.errors import PreflightError
 from pipeline.data.index import DataIndex, SplitInfo, read_index, sha256_file
 from pipeline.data.tario import ShardReader, is_tar
 
-_REWRITE = "re-write the data set with `python -m pipeline.data.shards write --out {root} ... --overwrite`"
+
+def _fix(index: DataIndex) -> str:
+    """How to rebuild the index's data set: re-write our own shards, re-index anybody else's."""
+    if index.file is None and index.source.get("kind") != "index":
+        return f"re-write the data set with `python -m pipeline.data.shards write --out {index.root} ... --overwrite`"
+    return f"fix or remove them and re-index with `python -m pipeline.data.shards index SHARDS... --out {index.path}`"
 
 
 @dataclass
@@ -48,10 +53,11 @@ class PreflightReport:
         return asdict(self)
 
     def summary(self) -> str:
-        width = max(len(c) for c in self.class_counts)
+        width = max((len(c) for c in self.class_counts), default=0)
         lines = [
             f"{self.path} split {self.split!r}: {self.samples} samples in {self.shards} shards, "
-            f"{len(self.class_counts)} classes (checked: {', '.join(self.checked)})",
+            f"{len(self.class_counts) or 'no'} classes{'' if self.class_counts else ' (unlabeled)'} "
+            f"(checked: {', '.join(self.checked)})",
             *(f"  {name:<{width}}  {n}" for name, n in self.class_counts.items()),
             f"{self.ranks} ranks x {max(self.workers, 1)} workers = {self.slots} slots: {self.samples_per_slot} "
             f"samples and {self.batches_per_slot} batches of {self.batch_size} per slot, {self.batches_per_rank} "
@@ -77,12 +83,34 @@ def check_geometry(
     nb = per_slot // batch_size
     if nb == 0:
         raise PreflightError(
-            f"{index.root}: split {info.name!r} has {info.samples} samples; {ranks} ranks x {max(workers, 1)} "
+            f"{index.location}: split {info.name!r} has {info.samples} samples; {ranks} ranks x {max(workers, 1)} "
             f"workers = {slots} slots get {per_slot} each, less than one batch of {batch_size}, so some rank "
             f"would get no data. Use fewer data.num_workers or ranks, a smaller batch, or write more samples "
             f"(at least {slots * batch_size})"
         )
     return slots, per_slot, nb
+
+
+def check_classes(index: DataIndex, num_classes: int, *, key: str = "model.num_classes") -> str:
+    """The classifier head (``key`` = ``num_classes`` outputs) can take every label of the index.
+
+    Called by the launcher's preflight and by every rank before its first step: a label past the
+    head is an index error at step 1 on a CPU and a device-side assert on a GPU.
+    """
+    if index.label.kind == "none":
+        raise PreflightError(
+            f"{index.location} is indexed without labels (--unlabeled), but classification training needs a label "
+            f"per sample: re-index with `cls` members or `--label json:FIELD` (unlabeled data is for a "
+            f"self-supervised objective, which this pipeline does not have yet)"
+        )
+    have = index.num_classes
+    if have > num_classes:
+        raise PreflightError(
+            f"{index.location} has {have} classes but {key}={num_classes}: labels up to {have - 1} do not fit the "
+            f"head; set {key}={have} (or train on data with at most {num_classes} classes)"
+        )
+    unused = f" ({num_classes - have} outputs never a target)" if num_classes > have else ""
+    return f"{have} classes in the data, a head of {num_classes} ({key}){unused}"
 
 
 def preflight(
@@ -101,9 +129,9 @@ def preflight(
     index = read_index(path)
     info = index.split(split)
     slots, per_slot, nb = check_geometry(index, info, ranks=ranks, workers=workers, batch_size=batch_size)
-    _check_files(index, info, checksum=checksum, progress=progress)
+    hashed = _check_files(index, info, checksum=checksum, progress=progress)
     report = PreflightReport(
-        path=str(index.root),
+        path=str(index.location),
         split=split,
         shards=len(info.shards),
         samples=info.samples,
@@ -116,8 +144,13 @@ def preflight(
         batches_per_slot=nb,
         batches_per_rank=nb * max(workers, 1),
         dropped_per_epoch=info.samples - slots * nb * batch_size,
-        checked=["files", "sha256"] if checksum else ["files"],
+        checked=["files", "sha256"] if checksum and hashed else ["files"],
     )
+    if checksum and hashed < len(info.shards):
+        report.notes.append(
+            f"{len(info.shards) - hashed} of {len(info.shards)} shards have no sha256 in the index (indexed in place, "
+            f"where hashing would read every byte): checked by size and tar header only"
+        )
     if len(info.shards) < slots:
         report.notes.append(
             f"{len(info.shards)} shards for {slots} slots: several slots read parts of the same shard "
@@ -128,8 +161,9 @@ def preflight(
     return report
 
 
-def _check_files(index: DataIndex, info: SplitInfo, *, checksum: bool, progress: bool) -> None:
-    problems = []
+def _check_files(index: DataIndex, info: SplitInfo, *, checksum: bool, progress: bool) -> int:
+    """Every shard exists, has the index's size and starts with a tar header; returns how many were hashed."""
+    problems, hashed = [], 0
     for shard in tqdm(info.shards, desc="checking shards", unit="shard", disable=not progress):
         p = index.shard_path(shard)
         if not p.is_file():
@@ -141,16 +175,21 @@ def _check_files(index: DataIndex, info: SplitInfo, *, checksum: bool, progress:
             problems.append(f"{p}: {what}, the index says {shard.bytes} bytes (truncated or replaced)")
         elif not is_tar(p):
             problems.append(f"{p}: not a tar archive (its first block is not a tar header)")
-        elif checksum and (digest := sha256_file(p)) != shard.sha256:
-            problems.append(f"{p}: sha256 {digest[:12]}... differs from the index's {shard.sha256[:12]}... (corrupted)")
+        elif checksum and shard.sha256 is not None:
+            hashed += 1
+            if (digest := sha256_file(p)) != shard.sha256:
+                problems.append(
+                    f"{p}: sha256 {digest[:12]}... differs from the index's {shard.sha256[:12]}... (corrupted)"
+                )
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise PreflightError(
             f"{len(problems)} of {len(info.shards)} shards of split {info.name!r} are unusable:\n  "
             + "\n  ".join(problems[:10])
             + more
-            + f"\nRestore these files or {_REWRITE.format(root=index.root)}"
+            + f"\nRestore these files or {_fix(index)}"
         )
+    return hashed
 
 
 def _decode_all(
@@ -161,11 +200,17 @@ def _decode_all(
     examples: list[str] = []
     labels: Counter[int] = Counter()
     for shard in tqdm(info.shards, desc="decoding", unit="shard", disable=not progress):
-        reader = ShardReader(index.shard_path(shard), expected=shard.samples, num_classes=index.num_classes)
+        reader = ShardReader(
+            index.shard_path(shard),
+            expected=shard.samples,
+            num_classes=index.num_classes,
+            label=index.label,
+            classes=index.classes,
+        )
         for i, sample in enumerate(reader.read(list(range(shard.samples)))):
             kind = sample.bad or (None if _decodes(sample.image) else "corrupt_image")
             if kind is None:
-                labels[sample.label] += 1
+                labels[sample.label] += 1  # -1: an unlabeled data set
                 continue
             bad[kind] += 1
             if len(examples) < 5:
@@ -176,11 +221,11 @@ def _decode_all(
     n_bad = sum(bad.values())
     if n_bad > max_skip_frac * info.samples:
         raise PreflightError(
-            f"{index.root}: {n_bad} of {info.samples} samples of split {info.name!r} are unreadable "
+            f"{index.location}: {n_bad} of {info.samples} samples of split {info.name!r} are unreadable "
             f"({', '.join(f'{k}={v}' for k, v in bad.items())}), more than max_skip_frac={max_skip_frac}; e.g. "
             + "; ".join(examples)
-            + f". A cls must be an integer in [0, {index.num_classes}). Fix these shards or "
-            + _REWRITE.format(root=index.root)
+            + f". {_label_rule(index)}. Fix these shards or "
+            + _fix(index)
         )
     data_counts = {name: labels[i] for i, name in enumerate(index.classes)}
     if n_bad == 0 and data_counts != report.class_counts:
@@ -190,10 +235,19 @@ def _decode_all(
             if v != report.class_counts[k]
         ]
         raise PreflightError(
-            f"{index.root}: the labels in the shards disagree with the index ({'; '.join(diff[:5])}); "
-            + _REWRITE.format(root=index.root)
+            f"{index.location}: the labels in the shards disagree with the index ({'; '.join(diff[:5])}); "
+            + _fix(index)
         )
     report.class_counts = data_counts
+
+
+def _label_rule(index: DataIndex) -> str:
+    if index.label.kind == "json":
+        return (
+            f"A json field {index.label.field!r} must hold an integer in [0, {index.num_classes}) or a class name "
+            f"of the index"
+        )
+    return f"A cls must be an integer in [0, {index.num_classes})"
 
 
 def _decodes(data: bytes | None) -> bool:

@@ -1,10 +1,11 @@
-"""Shard writer and preflight CLI.
+"""Shard writer, indexer and preflight CLI.
 
     python -m pipeline.data.shards write --out DIR --synthetic 1000 --classes 10 --size 32
     python -m pipeline.data.shards write --out DIR --digits --size 32
     python -m pipeline.data.shards write --out DIR path/to/train [--val-source path/to/val] [--strict]
         (an ImageFolder tree, or a list file of path<TAB>label or path,label lines)
-    python -m pipeline.data.shards check DIR --ranks 16 --workers 8 --batch-size 256 [--decode]
+    python -m pipeline.data.shards index SOURCE... --out INDEX [--val SOURCE...] [--label json:FIELD]
+    python -m pipeline.data.shards check DIR|INDEX --ranks 16 --workers 8 --batch-size 256 [--decode]
 
 ``check`` exits 0 when every rank and worker gets data, 1 with the reason otherwise.
 """
@@ -17,6 +18,7 @@ import os
 import sys
 
 from pipeline.data.errors import PreflightError
+from pipeline.data.index import LabelSpec
 from pipeline.data.preflight import preflight
 
 
@@ -55,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--shard-max-bytes", type=int, default=1 << 30, help="bytes per shard (about)")
     w.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
     w.add_argument("--no-progress", action="store_true")
+    _index_parser(sub)
     c = sub.add_parser("check", help="preflight: can this data feed R ranks x W workers?")
-    c.add_argument("dir")
+    c.add_argument("dir", help="a shard directory holding _info.json, or an index file")
     c.add_argument("--split", default="train")
     c.add_argument("--ranks", type=int, default=1, help="nodes x GPUs per node")
     c.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
@@ -66,6 +69,62 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-skip-frac", type=float, default=0.0, help="with --decode: tolerated unreadable fraction")
     c.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _index_parser(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("index", help="index existing shards in place (reads tar headers only)")
+    i.add_argument("sources", nargs="+", metavar="SOURCE", help="shard directories, files, globs or brace patterns")
+    i.add_argument("--out", required=True, help="the index file to write (anywhere), or a directory for _info.json")
+    i.add_argument("--val", nargs="+", default=[], metavar="SOURCE", help="separate validation shards")
+    i.add_argument("--val-frac", type=float, default=None, help="without --val: hold out this fraction of whole shards")
+    i.add_argument("--seed", type=int, default=0, help="seed of the --val-frac hold-out")
+    i.add_argument("--label", default="cls", help="cls (default: an integer as text) or json:FIELD")
+    i.add_argument("--unlabeled", action="store_true", help="no labels (self-supervised use and inspection)")
+    i.add_argument("--classes", metavar="FILE", help="class names, one per line (line i names class i)")
+    i.add_argument("--jobs", type=int, default=0, help="processes reading headers (default: one per CPU)")
+    i.add_argument("--sha256", action="store_true", help="also record each shard's sha256 (reads every byte)")
+    i.add_argument("--skip-damaged", action="store_true", help="leave damaged shards out (listed) instead of failing")
+    i.add_argument("--no-progress", action="store_true")
+
+
+def _label_spec(a: argparse.Namespace) -> LabelSpec:
+    if a.unlabeled:
+        if a.label != "cls":
+            raise PreflightError(f"--unlabeled and --label {a.label} contradict each other; give one")
+        return LabelSpec("none")
+    if a.label == "cls":
+        return LabelSpec("cls")
+    kind, _, name = a.label.partition(":")
+    if kind != "json" or not name:
+        raise PreflightError(f"--label {a.label!r}: use cls, json:FIELD (e.g. json:label), or --unlabeled")
+    return LabelSpec("json", name)
+
+
+def _index(a: argparse.Namespace) -> None:
+    from pipeline.data.indexer import build_index
+
+    val_frac = a.val_frac if a.val_frac is not None else (0.0 if a.val else 0.05)
+    report = build_index(
+        a.sources,
+        out=a.out,
+        val=a.val,
+        val_frac=val_frac,
+        seed=a.seed,
+        label=_label_spec(a),
+        classes_file=a.classes,
+        jobs=a.jobs,
+        sha256=a.sha256,
+        skip_damaged=a.skip_damaged,
+        progress=not a.no_progress,
+    )
+    print(report.summary())
+    if not a.val and val_frac > 0:
+        val = report.index.splits.get("val")
+        print(
+            f"val: {len(val.shards) if val else 0} whole shards held out of the train sources (seed {a.seed}, "
+            f"--val-frac {val_frac}); name a separate val set with --val SOURCE..., or --val-frac 0 for none"
+        )
+    print(f"set data.path={report.path}")
 
 
 def _write(a: argparse.Namespace) -> None:
@@ -134,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     a = _parser().parse_args(argv)
     try:
-        _write(a) if a.command == "write" else _check(a)
+        {"write": _write, "index": _index, "check": _check}[a.command](a)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ Layout under ``<run_dir>/checkpoints``::
     step_00000100/            DeepSpeed's shards (every rank writes its own)
         trainer_state.json    step, samples seen, data position, run id, config (rank 0)
         rng_rank{r}.pt        each rank's RNG states
+        loader_rank{r}.json   each rank's data position and skipped-sample counts
         COMMITTED             written last, atomically, after a barrier: the checkpoint counts
     latest                    "step_00000100", replaced atomically after the commit
 

@@ -8,6 +8,7 @@ DeepSpeed's universal format first (ZeRO 1-3); see the README for what is exact 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import BatchPlan, Config, config_to_dict, flatten, save_config
-from pipeline.data import MixupCutmix, build_loader, build_val_loader
+from pipeline.data import MixupCutmix, build_loader, build_val_loader, check_classes, read_index
 from pipeline.logs import setup_logging
 from pipeline.model import ViT, forward_macs
 from pipeline.tracking import experiment_for, open_tracker, pretrain_tags, run_name_for, run_tags
@@ -98,6 +99,8 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     else:
         torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
     ds.init_distributed(device)
+    # Before any weights exist: a label past the head would fail at step 1 (a device-side assert on a GPU).
+    log.info("data: %s", check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key))
     run_dir = Path(cfg.train.run_dir).absolute()
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
         _seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams (dropout and mixing are keyed per step)
     train_loader, val_loader = _loaders(cfg, env, plan, device)
     if info is not None:
-        train_loader.load_state_dict(state["loader"])
+        train_loader.load_state_dict(_loader_state(info, env, state))
     tracker = _tracker(cfg, env, run_dir, state, overrides, info, init_report)
     state["run_id"] = tracker.run_id
     if env.rank == 0:
@@ -271,6 +274,22 @@ def _rng_path(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"rng_rank{rank}.pt"
 
 
+def _loader_path(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"loader_rank{rank}.json"
+
+
+def _loader_state(info: ResumeInfo, env: DistEnv, state: dict) -> dict:
+    """This rank's own loader state (its skip counters), else rank 0's (the position is the same on all ranks).
+
+    Only rank 0 writes trainer_state.json; without its own file, rank r would restart its counts of
+    skipped samples from 0 and data.max_skip_frac would be judged on part of the run.
+    """
+    path = _loader_path(info.path, env.rank)
+    if info.world_size == env.world_size and path.exists():
+        return json.loads(path.read_text())
+    return state["loader"]
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -328,6 +347,7 @@ def save_checkpoint(r: Run) -> Path:
     t0 = time.perf_counter()
     ds.save(r.engine, ckpt_dir, tag)
     torch.save(_rng_state(), _rng_path(tag_dir, r.env.rank))
+    ckpt.atomic_write(_loader_path(tag_dir, r.env.rank), json.dumps(r.train_loader.state_dict()))
     if r.env.rank == 0:
         state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
         ckpt.write_state(tag_dir, state)

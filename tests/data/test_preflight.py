@@ -39,11 +39,20 @@ def test_geometry_that_starves_a_rank_is_refused(synthetic_shards):
 
 
 def test_missing_directory_and_index(tmp_path, copy):
-    with pytest.raises(PreflightError, match=r"data directory .*nope does not exist.*shards write --out"):
+    with pytest.raises(PreflightError) as err:
         preflight(tmp_path / "nope")
+    text = str(err.value)
+    assert f"data.path {tmp_path / 'nope'} does not exist" in text
+    assert "shards write --out DIR SOURCE" in text and "shards index SHARDS... --out INDEX.json" in text
+    assert "--synthetic" not in text  # never suggests writing toy images into a real data set's path
     (copy / INDEX_NAME).unlink()
-    with pytest.raises(PreflightError, match=r"_info.json is missing \(it holds train-000000.tar.*interrupted write"):
+    with pytest.raises(PreflightError) as err:
         preflight(copy)
+    assert str(err.value) == (
+        f"{copy / INDEX_NAME} is missing ({copy} holds 9 .tar files, e.g. train-000000.tar, train-000001.tar, "
+        f"train-000002.tar); index them with `python -m pipeline.data.shards index {copy} --out {copy / INDEX_NAME}` "
+        f"(or `--out /somewhere/writable/index.json` when {copy} is read-only, then set data.path to that file)"
+    )
 
 
 @pytest.mark.parametrize(
