@@ -24,7 +24,7 @@ from pipeline.train import preemption
 from pipeline.train.dist_env import detect
 from pipeline.train.metrics import Window, mfu
 from pipeline.train.recipe import set_lr
-from pipeline.train.setup import Run, build_run, finish_run, save_checkpoint
+from pipeline.train.setup import Run, build_run, finish_run, resume_candidate, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _on_skipped(r: Run, p: Progress) -> bool:
             f"non-finite loss/gradients again at {span} after rolling back once; lower optim.lr, raise "
             f"optim.warmup_steps, or switch train.precision (now {r.cfg.train.precision})"
         )
-    info = ckpt.inspect_run_dir(r.run_dir)
+    info = resume_candidate(r.run_dir, r.env)  # collective: an intact checkpoint, agreed by all ranks
     if info is None:
         raise NonFiniteError(f"non-finite loss/gradients at {span} and no checkpoint to roll back to")
     log.warning("%s non-finite: rolling back to %s and skipping that data window", span, info.tag)

@@ -141,7 +141,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
 
 def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
     """The checkpoint to resume from, after checking it fits this config (before any step)."""
-    info = ckpt.inspect_run_dir(run_dir)
+    info = resume_candidate(run_dir, env)
     if info is None:
         if cfg.checkpoint.resume == "require":
             raise CheckpointError(
@@ -155,6 +155,17 @@ def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
             info.tag, info.world_size, env.world_size,
         )  # fmt: skip
     return info
+
+
+def resume_candidate(run_dir: Path, env: DistEnv) -> ResumeInfo | None:
+    """Collective: the newest checkpoint whose every file matches its commit, agreed by all ranks.
+
+    Each rank checksums its own share of the files in parallel; the ranks unite their findings
+    before choosing, so all of them load the same checkpoint (or all refuse).
+    """
+    return ckpt.inspect_run_dir(
+        run_dir, rank=env.rank, world_size=env.world_size, agree=ds.union_across_ranks, max_bytes=None
+    )
 
 
 def _prepare_universal(info: ResumeInfo, env: DistEnv) -> str:
@@ -253,7 +264,7 @@ def _restore_rng(info: ResumeInfo, env: DistEnv, seed: int, step: int) -> None:
         # Another world size: rank r's stream has no counterpart; derive a fresh, reproducible one.
         _seed_all(seed + 1000 * env.rank + step)
         return
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.read_torch(path)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -295,18 +306,21 @@ def save_checkpoint(r: Run) -> Path:
         shutil.rmtree(tag_dir)  # a partial left by a killed job at this same step
     dist.barrier()
     t0 = time.perf_counter()
-    ds.save(r.engine, ckpt_dir, tag)
-    torch.save(_rng_state(), _rng_path(tag_dir, r.env.rank))
+    written = ds.save(r.engine, ckpt_dir, tag)
+    written.append(_rng_path(tag_dir, r.env.rank))
+    torch.save(_rng_state(), written[-1])
     if r.env.rank == 0:
         state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
         ckpt.write_state(tag_dir, state)
+        written.append(tag_dir / ckpt.STATE)
+    checksums = ckpt.checksum_files(tag_dir, written)  # by the writer, while the bytes are in the page cache
     ckpt.fsync_tree(tag_dir)
     seconds, _, at_step = os.environ.get(SAVE_PAUSE_ENV, "").partition("@")
     if seconds and int(at_step or -1) == r.state["step"] and r.env.rank == r.env.world_size - 1:
         time.sleep(float(seconds))
-    dist.barrier()  # every rank's files are on disk
+    checksums_by_rank = ds.all_gather(checksums)  # collective: every rank's files are on disk
     if r.env.rank == 0:
-        gb = ckpt.commit(tag_dir, _marker(r)) / 1e9
+        gb = ckpt.commit(tag_dir, _marker(r), checksums_by_rank) / 1e9
         ckpt.prune(ckpt_dir, r.cfg.checkpoint.keep_last)
     dist.barrier()
     if r.env.rank == 0:
