@@ -318,9 +318,10 @@ def inspect_run_dir(
         marker, problems = check_tag(tag_dir, rank=rank, world_size=world_size, agree=agree, max_bytes=max_bytes)
         if marker is None:
             step = int(tag_dir.name[len(TAG_PREFIX) :])
-            log.warning("skipping incomplete checkpoint %s (step %d): %s; falling back to the previous one", tag_dir.name, step,
-                        "; ".join(problems))  # fmt: skip
-            skipped.append(f"{tag_dir.name}: {'; '.join(problems)}")
+            why = "; ".join(problems)
+            log.warning("skipping incomplete checkpoint %s (step %d): %s; falling back to the previous one",
+                        tag_dir.name, step, why)  # fmt: skip
+            skipped.append(f"{tag_dir.name}: {why}")
             continue
         if pointed is not None and pointed != tag_dir.name:
             log.warning("'latest' names %s but %s is the newest complete checkpoint; using it", pointed, tag_dir.name)

@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.data import soft_target_cross_entropy
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
+from pipeline.train import lease as run_lease
 from pipeline.train import preemption
 from pipeline.train.dist_env import detect
 from pipeline.train.metrics import Window, mfu
@@ -61,7 +62,11 @@ class Progress:
 def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
     """Train according to ``cfg`` on this rank; resume from ``cfg.train.run_dir`` if it has checkpoints."""
     env = detect()
-    r = build_run(cfg, env, list(overrides))
+    try:
+        r = build_run(cfg, env, list(overrides))
+    except BaseException:
+        run_lease.end_held("FAILED")  # a job that never started must not keep the run dir
+        raise
     preemption.install()
     status: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"
     try:

@@ -29,8 +29,10 @@ from pipeline.model import ViT, forward_macs
 from pipeline.tracking import experiment_for, open_tracker, pretrain_tags, run_name_for, run_tags
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
+from pipeline.train import lease as run_lease
 from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 from pipeline.train.dist_env import DistEnv
+from pipeline.train.lease import RunDirBusy
 from pipeline.train.metrics import device_peak_tflops
 from pipeline.train.recipe import Schedule, make_schedule, param_groups
 
@@ -99,6 +101,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     ds.init_distributed(device)
     plan = cfg.batch_plan(env.world_size)
     run_dir = Path(cfg.train.run_dir).absolute()
+    _hold_run_dir(run_dir, env)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     info = _resume_info(cfg, env, run_dir)
@@ -137,6 +140,20 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     if cfg.finetune.enabled and cfg.finetune.export_best:
         run.on_eval = _export_best
     return run
+
+
+def _hold_run_dir(run_dir: Path, env: DistEnv) -> None:
+    """Collective: rank 0 takes (or adopts) the run dir's lease; all ranks refuse together if another
+    live job holds it (see lease.py), before anything in the run dir is read or written."""
+    refusal: list[str | None] = [None]
+    if env.rank == 0:
+        try:
+            run_lease.hold_for_job(run_dir)
+        except RunDirBusy as e:
+            refusal = [str(e)]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise RunDirBusy(refusal[0])
 
 
 def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
@@ -351,6 +368,7 @@ def finish_run(r: Run, status: str) -> None:
                 r.tracker.log_artifact(out / "model.json", "export")
             dist.barrier()
     finally:
+        run_lease.end_held(status)  # kept when KILLED: a requeued job adopts it
         r.tracker.close(status)
         if dist.is_initialized():
             dist.destroy_process_group()
