@@ -71,7 +71,10 @@ class Holder:
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        job = f"job {self.job_id} ({self.executor})" if self.job_id else f"a {self.role} not yet submitted"
+        if self.job_id:
+            job = f"job {self.job_id} ({self.executor})"
+        else:
+            job = "a launch not yet submitted" if self.role == "launcher" else "a run started without a scheduler"
         since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.since))
         return (
             f"{job} of user {self.user} on host {self.host} (pid {self.pid}), since {since}, "

@@ -78,13 +78,16 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_refuses_before_anything_is_q
     out = run_launcher([*smoke_args(synthetic_shards, run_dir, "--local", "--dry-run")], env=no_slurm_env)
     assert out.returncode == 0, out.stderr
     assert (
-        "ok: run dir: a launch would take over the stale lease of a job not yet submitted of user someone" in out.stdout
+        "ok: run dir: a launch would take over the stale lease of a run started without a scheduler of user someone"
+        in out.stdout
     )
     assert f"its process (pid {dead.pid}) on {socket.gethostname()} is gone" in out.stdout
     # The real launch takes it over with a note, then (refused by the data preflight) lets it go again.
     out = run_launcher(smoke_args(synthetic_shards, run_dir, "--local", "data.num_workers=16"), env=no_slurm_env)
     assert out.returncode == 1 and "data preflight for 2 ranks x 16 workers failed" in out.stderr
-    assert f"note: took over the lease of {run_dir} from a job not yet submitted of user someone" in out.stdout
+    assert (
+        f"note: took over the lease of {run_dir} from a run started without a scheduler of user someone" in out.stdout
+    )
     assert f"last heartbeat 3600 s ago: its process (pid {dead.pid}) on {socket.gethostname()} is gone" in out.stdout
     assert not (run_dir / lease.LEASE).exists() and not (run_dir / "job.json").exists()
     # A live holder (this test's own process): the real launch is refused before anything is queued.

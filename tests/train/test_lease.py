@@ -62,7 +62,9 @@ def test_dead_holder_with_an_old_heartbeat_is_taken_over(tmp_path: Path, caplog:
     _write(tmp_path, dead)
     mine = this_process(lease.new_token(), "job")
     note = acquire(tmp_path, mine)
-    assert note.startswith(f"took over the lease of {tmp_path} from a job not yet submitted of user {dead.user}")
+    assert note.startswith(
+        f"took over the lease of {tmp_path} from a run started without a scheduler of user {dead.user}"
+    )
     assert note.endswith(f"last heartbeat 3600 s ago: its process (pid {pid}) on {socket.gethostname()} is gone")
     assert read(tmp_path).token == mine.token and note in caplog.text
     # A pid that lives on but belongs to another process (reused) is gone too: its start time differs.
