@@ -53,9 +53,8 @@ def test_two_launches_at_the_same_moment_one_runs_the_other_is_refused(
     assert f"[launch] job {job_id} ended: COMPLETED" in ran[0][1]
     job = json.loads((run_dir / "job.json").read_text())
     assert [j["job_id"] for j in job["jobs"]] == [job_id]  # only one job was ever queued
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(s for s in steps if s) == sorted(set(s for s in steps if s))  # no step written twice
-    assert max(steps) == STEPS
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, STEPS + 1))  # one job's steps, once
     # While it ran, the job's rank 0 held the lease (adopted from the launcher, same token) and beat.
     assert holders and {(h.job_id, h.executor) for h in holders} == {(job_id, "local")}
     assert len({h.token for h in holders}) == 1 and all(
