@@ -249,7 +249,8 @@ def _slurm_job_active(job_id: str) -> bool | None:
 
 
 def take_lease(cfg: Config, force: bool) -> lease.Holder:
-    """Claim the run dir before anything is checked or queued (refuses with checks.Refused)."""
+    """Claim the run dir before anything else is checked or queued (refuses with checks.Refused)."""
+    checks.check_run_dir(Path(cfg.train.run_dir))  # the lease is a file in it
     holder = lease.this_process(lease.new_token(), "launcher")
     try:
         note = lease.acquire(Path(cfg.train.run_dir), holder, probe=_slurm_job_active, force=force)

@@ -330,8 +330,7 @@ def save_checkpoint(r: Run) -> Path:
         state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
         ckpt.write_state(tag_dir, state)
         written.append(tag_dir / ckpt.STATE)
-    checksums = ckpt.checksum_files(tag_dir, written)  # by the writer, while the bytes are in the page cache
-    ckpt.fsync_tree(tag_dir)
+    checksums = ckpt.fsync_and_checksum(tag_dir, written)  # by the writer, bytes still in the page cache
     seconds, _, at_step = os.environ.get(SAVE_PAUSE_ENV, "").partition("@")
     if seconds and int(at_step or -1) == r.state["step"] and r.env.rank == r.env.world_size - 1:
         time.sleep(float(seconds))
