@@ -135,7 +135,7 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
     ])  # fmt: skip
     r = build_run(cfg, detect(), [])
     _step(r, iter(r.train_loader))  # creates the AdamW moments, so the checkpoint has its full size
-    crc32 = ckpt.file_checksum
+    crc32, crc_tag = ckpt.file_checksum, None
     for i in range(saves):
         r.state["step"] = i + 1
         checksums = i % 2 == 1  # saves without and with checksums alternate (the first, dropped, without)
@@ -146,6 +146,7 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
         t0 = time.perf_counter()
         tag_dir = save_checkpoint(r)
         save_s = time.perf_counter() - t0
+        crc_tag = tag_dir if checksums else crc_tag
         if r.env.rank == 0:
             gb = sum(verify(tag_dir)["files"].values()) / 1e9  # also proves the save complete
             _settle()
@@ -153,7 +154,7 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
             print("CKPT " + json.dumps(row))
         dist.barrier()
     ckpt.file_checksum = crc32
-    _bench_verify(r, tag_dir)
+    _bench_verify(r, crc_tag)
     dist.destroy_process_group()
 
 
