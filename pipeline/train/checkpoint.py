@@ -16,8 +16,9 @@ The marker lists every file with its size and a CRC-32 computed by the rank that
 after writing it (the bytes are still in the page cache). Same-size damage (a flipped block, a
 garbage file of the right length) passes a size check and would be trained on; a checksum
 mismatch makes the checkpoint count as incomplete, exactly like a missing file. CRC-32 (zlib)
-because it detects accidental damage (not tampering) at ~2.4 GB/s per core here, 2.5x sha256
-with SHA-NI and 6x blake2b (see bench/RESULTS.md). Markers written before checksums existed are
+because it detects accidental damage (not tampering; any burst of up to 32 bits, other damage
+with probability 1 - 2^-32) at ~2.4 GB per CPU-second here, 1.8x sha256 with SHA-NI and 4x
+blake2b (see bench/RESULTS.md). Markers written before checksums existed are
 verified by sizes only, with a note.
 This module does file bookkeeping only; the collective save/load lives in the engine seam.
 """
