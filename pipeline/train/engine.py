@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from pipeline.config import BatchPlan, Config
-from pipeline.train.checkpoint import CheckpointError
+from pipeline.train.checkpoint import CheckpointError, read_torch
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +241,12 @@ def gathered_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
 def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """One fp32 state dict from a sharded checkpoint, on one process, without an engine."""
     if zero_stage == 0:
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = read_torch(tag_dir / "mp_rank_00_model_states.pt")  # errors name the file
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as e:  # DeepSpeed's reader does not always say which shard failed
+        raise CheckpointError(f"consolidating {tag_dir} failed: {type(e).__name__}: {e}") from e
     return {k: v.float().contiguous() for k, v in sd.items()}

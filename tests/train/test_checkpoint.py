@@ -248,3 +248,16 @@ def test_old_checkpoint_without_checksums_loads_by_sizes_with_a_note(
     (tag_dir / "trainer_state.json").write_bytes(b"\xff" * 12)
     with pytest.raises(CheckpointError, match=r"trainer_state.json is unreadable"):
         inspect_run_dir(tmp_path)
+
+
+def test_reading_a_damaged_torch_file_names_it(tmp_path: Path) -> None:
+    from pipeline.train.checkpoint import read_torch
+    from pipeline.train.engine import consolidated_state_dict
+
+    rng = tmp_path / "rng_rank1.pt"
+    rng.write_bytes(b"PK\x03\x04 not a zip archive")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(rng))} is unreadable \(\w+"):
+        read_torch(rng)
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt is unreadable"):
+        consolidated_state_dict(tmp_path, zero_stage=0)
