@@ -64,8 +64,19 @@ def start_training(
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the whole job: torchrun's group AND its ranks, which torchrun starts in sessions of
+    their own (start_new_session), so killing the group alone leaves them training on."""
+    import psutil
+
+    ranks = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for rank in ranks:
+        try:
+            rank.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=30)
+    psutil.wait_procs(ranks, timeout=30)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
