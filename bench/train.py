@@ -8,6 +8,9 @@ Prints one table of ratios measured side by side in this one run:
   marker, ViT-S/16 under ZeRO-2 on 2 CPU ranks) / `dd conv=fsync` GB/s writing the same number
   of bytes into the same directory; saves and dd runs alternate, each starting after `sync` and
   3 s of quiet (a VM disk slows a write that follows another), medians. Goal >= 0.8.
+- the per-file CRC-32 of that save: saves with and without it alternate in the same run (without
+  = the checksum function replaced by a no-op), medians of the save times; goal < 5 % more. Also
+  the resume-time verification: both ranks checksum their own files in parallel, GB/s.
 - MLflow logging time per step / step time (a real tracker against a local `mlflow server`, 5
   metrics logged every step, pipeline.tracking.bench). Goal < 1 %.
 - tiny-ViT (configs/smoke.yaml) optimizer steps/s with 2 CPU ranks (torchrun, gloo, ZeRO-2).
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,8 +57,9 @@ def write_shards(out: Path) -> None:
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
 
 
-def checkpoint_bandwidth(shards: Path, work: Path, saves: int) -> tuple[float, float, float]:
-    """(median save GB/s, median dd GB/s, GB per checkpoint): saves and dd runs alternate.
+def checkpoint_bandwidth(shards: Path, work: Path, saves: int) -> dict[str, float]:
+    """Median save GB/s (with checksums), median dd GB/s, GB per checkpoint, median save seconds
+    with and without checksums, and the resume-time verification GB/s: saves and dd runs alternate.
 
     The disk of a shared VM changes speed from minute to minute, so each engine save is paired
     with a `dd conv=fsync` of the same size into the same directory right after it.
@@ -67,11 +72,20 @@ def checkpoint_bandwidth(shards: Path, work: Path, saves: int) -> tuple[float, f
     rows = [json.loads(line[len("CKPT ") :]) for line in proc.stdout.splitlines() if line.startswith("CKPT ")]
     if proc.returncode != 0 or not rows:
         sys.exit(f"checkpoint benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    verify = next(json.loads(ln[len("VERIFY ") :]) for ln in proc.stdout.splitlines() if ln.startswith("VERIFY "))
     rows = rows[1:]  # the first save also pays for first-touch allocations
-    ckpt = [r["gb"] / r["save_s"] for r in rows]
+    ckpt = [r["gb"] / r["save_s"] for r in rows if r["checksums"]]
     dd = [r["dd_gb_s"] for r in rows]
     print("save GB/s:", " ".join(f"{v:.2f}" for v in ckpt), "| dd GB/s:", " ".join(f"{v:.2f}" for v in dd))
-    return statistics.median(ckpt), statistics.median(dd), rows[-1]["gb"]
+    with_s = [r["save_s"] for r in rows if r["checksums"]]
+    without_s = [r["save_s"] for r in rows if not r["checksums"]]
+    print("save s with CRC-32:", " ".join(f"{v:.3f}" for v in with_s), "| without:",
+          " ".join(f"{v:.3f}" for v in without_s))  # fmt: skip
+    return {
+        "ckpt_gb_s": statistics.median(ckpt), "dd_gb_s": statistics.median(dd), "gb": rows[-1]["gb"],
+        "save_s_crc": statistics.median(with_s), "save_s_plain": statistics.median(without_s),
+        "verify_gb_s": verify["gb"] / verify["seconds"],
+    }  # fmt: skip
 
 
 def dd_bandwidth(directory: Path, gb: float) -> float:
@@ -108,6 +122,7 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
     import torch.distributed as dist
 
     from pipeline.config import load_config
+    from pipeline.train import checkpoint as ckpt
     from pipeline.train.checkpoint import verify
     from pipeline.train.dist_env import detect
     from pipeline.train.loop import _step
@@ -120,20 +135,47 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
     ])  # fmt: skip
     r = build_run(cfg, detect(), [])
     _step(r, iter(r.train_loader))  # creates the AdamW moments, so the checkpoint has its full size
+    crc32, crc_tag = ckpt.file_checksum, None
     for i in range(saves):
         r.state["step"] = i + 1
+        checksums = i % 2 == 1  # saves without and with checksums alternate (the first, dropped, without)
+        ckpt.file_checksum = crc32 if checksums else (lambda path: "-")
         if r.env.rank == 0:
             _settle()
         dist.barrier()
         t0 = time.perf_counter()
         tag_dir = save_checkpoint(r)
         save_s = time.perf_counter() - t0
+        crc_tag = tag_dir if checksums else crc_tag
         if r.env.rank == 0:
             gb = sum(verify(tag_dir)["files"].values()) / 1e9  # also proves the save complete
             _settle()
-            print("CKPT " + json.dumps({"gb": gb, "save_s": save_s, "dd_gb_s": dd_bandwidth(Path(run_dir), gb)}))
+            row = {"gb": gb, "save_s": save_s, "checksums": checksums, "dd_gb_s": dd_bandwidth(Path(run_dir), gb)}
+            print("CKPT " + json.dumps(row))
         dist.barrier()
+    ckpt.file_checksum = crc32
+    _bench_verify(r, crc_tag)
     dist.destroy_process_group()
+
+
+def _bench_verify(r: Any, tag_dir: Path) -> None:
+    """The resume-time check of the newest checkpoint (with checksums): every rank its own files."""
+    import time
+
+    import torch.distributed as dist
+
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train import engine as ds
+
+    os.sync()
+    dist.barrier()
+    t0 = time.perf_counter()
+    marker, problems = ckpt.check_tag(tag_dir, rank=r.env.rank, world_size=r.env.world_size,
+                                      agree=ds.union_across_ranks, max_bytes=None)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    assert marker is not None, problems
+    if r.env.rank == 0:
+        print("VERIFY " + json.dumps({"gb": sum(marker["files"].values()) / 1e9, "seconds": seconds}))
 
 
 def steps_per_second(shards: Path, work: Path, steps: int) -> float:
@@ -173,12 +215,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer saves, steps and repetitions")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir under runs/)")
     args = parser.parse_args()
-    saves, steps = (4, 40) if args.quick else (8, 120)
+    saves, steps = (5, 40) if args.quick else (9, 120)  # odd: after the dropped first, as many with as without
     (REPO / "runs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir or REPO / "runs", prefix="bench-") as tmp:
         work = Path(tmp)
         write_shards(work / "shards")
-        ckpt_rate, dd_rate, ckpt_gb = checkpoint_bandwidth(work / "shards", work, saves)
+        c = checkpoint_bandwidth(work / "shards", work, saves)
+        ckpt_rate, dd_rate, ckpt_gb = c["ckpt_gb_s"], c["dd_gb_s"], c["gb"]
         sps = steps_per_second(work / "shards", work, steps)
     overhead = mlflow_overhead(200 if args.quick else 500)
     machine = platform.processor() or platform.machine()
@@ -186,12 +229,19 @@ def main() -> None:
     print(
         f"checkpoint: ViT-S/16, ZeRO-2, 2 CPU ranks, {ckpt_gb:.3f} GB per save; {saves - 1} saves, each followed by dd"
     )
+    crc_extra = 100 * (c["save_s_crc"] / c["save_s_plain"] - 1)
     rows = [
         (
             "checkpoint save GB/s / dd conv=fsync GB/s",
             f"{ckpt_rate:.2f} / {dd_rate:.2f} = {ckpt_rate / dd_rate:.2f}",
             ">= 0.8",
         ),
+        (
+            "save time with CRC-32 / without (same run)",
+            f"{c['save_s_crc']:.3f} / {c['save_s_plain']:.3f} s = {crc_extra:+.1f} %",
+            "< 5 %",
+        ),
+        ("resume checksum verification, 2 ranks in parallel", f"{c['verify_gb_s']:.2f} GB/s", "-"),
         ("MLflow log time per step / step time", f"{overhead['log_over_step_pct']:.3f} %", "< 1 %"),
         ("tiny ViT steps/s, 2 CPU ranks (smoke.yaml)", f"{sps:.1f}", "-"),
     ]
@@ -199,7 +249,7 @@ def main() -> None:
     print(f"{'measure':<{width}}  {'result':<24}  goal")
     for name, value, goal in rows:
         print(f"{name:<{width}}  {value:<24}  {goal}")
-    print(json.dumps({"ckpt_gb_s": ckpt_rate, "dd_gb_s": dd_rate, "mlflow": overhead, "steps_per_s": sps}))
+    print(json.dumps({**c, "mlflow": overhead, "steps_per_s": sps}))
 
 
 if __name__ == "__main__":

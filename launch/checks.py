@@ -83,6 +83,7 @@ def check_resume(cfg: Config, run_dir: Path) -> str:
             )
         return "checkpoint: none in the run dir, the job starts fresh"
     where = f"checkpoint: resumes from step {info.step} ({info.tag}, saved by {info.world_size} ranks)"
+    where += "".join(f"; skipped damaged {s}" for s in info.skipped)
     if info.world_size != cfg.launch.world_size:
         where += f"; converted for {cfg.launch.world_size} ranks (universal checkpoint)"
     return "".join([where, *(f"\n  resume: {line}" for line in plan.notes + plan.safe)])

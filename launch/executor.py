@@ -222,10 +222,15 @@ class RankJob:
     cfg: Config
     overrides: tuple[str, ...] = ()
     requeues: int = 0  # requeues through checkpoint() so far (the local executor's restart count)
+    lease_token: str = ""  # the run dir's lease the launcher took; rank 0 adopts it (pipeline.train.lease)
 
     def __call__(self) -> Any:
+        from pipeline.train import lease
+
         env = submitit.JobEnvironment()
         os.environ.update(_rendezvous(env, self.cfg.launch.port))
+        os.environ.update({lease.TOKEN_ENV: self.lease_token, lease.JOB_ID_ENV: str(env.job_id),
+                           lease.EXECUTOR_ENV: "local" if env.cluster == "local" else "slurm"})  # fmt: skip
         restart = int(os.environ.get("SLURM_RESTART_COUNT", self.requeues))
         os.environ["PIPELINE_REQUEUE_COUNT"] = str(restart)
         run_dir, rank0 = Path(self.cfg.train.run_dir), env.global_rank == 0

@@ -21,7 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +42,7 @@ from launch.executor import (  # noqa: E402
 from launch.memory_plan import format_plan, memory_plan  # noqa: E402
 from pipeline.config import Config, ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
 from pipeline.tracking.server import read_server_url  # noqa: E402
+from pipeline.train import lease  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", "--follow", dest="follow", action="store_true",
                      help="stream rank 0's log until the job ends; exit status reflects its final state")  # fmt: skip
     run.add_argument("--status", metavar="RUN_DIR", help="summarise the jobs of RUN_DIR and exit")
+    run.add_argument("--force-unlock", action="store_true", help="take the run dir's lease even if another job "
+                     "seems to hold it (only when you know that job is gone)")  # fmt: skip
     return p
 
 
@@ -230,6 +233,7 @@ def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice) -> int:
     print("\n== " + format_plan(memory_plan(cfg, nodes=la.nodes, gpus_per_node=la.gpus_per_node)))
     print("\n== pre-submission checks ==")
     try:
+        print(f"ok: {lease_state(cfg)}")
         for line in run_checks(cfg, choice.kind):
             print(f"ok: {line}")
     except checks.Refused as e:
@@ -240,13 +244,49 @@ def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice) -> int:
     return 0
 
 
-def _submit(cfg: Config, plan: LaunchPlan, args: argparse.Namespace, argv: list[str]) -> int:
+def _slurm_job_active(job_id: str) -> bool | None:
+    state = cluster.job_state(job_id)
+    return None if state == "UNKNOWN" else state in checks.ACTIVE_STATES
+
+
+def take_lease(cfg: Config, force: bool) -> lease.Holder:
+    """Claim the run dir before anything else is checked or queued (refuses with checks.Refused)."""
+    checks.check_run_dir(Path(cfg.train.run_dir))  # the lease is a file in it
+    holder = lease.this_process(lease.new_token(), "launcher")
     try:
-        job = submit(plan, RankJob(cfg, tuple(args.overrides)))
+        note = lease.acquire(Path(cfg.train.run_dir), holder, probe=_slurm_job_active, force=force)
+    except lease.RunDirBusy as e:
+        raise checks.Refused(str(e)) from None
+    if note:
+        print(f"note: {note}")
+    return holder
+
+
+def lease_state(cfg: Config) -> str:
+    """--dry-run: what taking the run dir's lease would do (refuses like the real launch)."""
+    run_dir = Path(cfg.train.run_dir)
+    current = lease.read(run_dir)
+    if current is None:
+        return f"run dir: no lease; a launch would take {run_dir / lease.LEASE}"
+    why = lease.stale_reason(current, _slurm_job_active)
+    if why is None:
+        raise checks.Refused(f"run dir {run_dir} is in use by {current.describe()}; wait, cancel it, or --force-unlock")
+    return f"run dir: a launch would take over the stale lease of {current.describe()} ({why})"
+
+
+def _submit(cfg: Config, plan: LaunchPlan, args: argparse.Namespace, argv: list[str], holder: lease.Holder) -> int:
+    run_dir = Path(cfg.train.run_dir)
+    try:
+        job = submit(plan, RankJob(cfg, tuple(args.overrides), lease_token=holder.token))
     except SubmissionError as e:
+        lease.release(run_dir, holder.token)
         print(f"error: {plan.kind} refused the job:\n{e}", file=sys.stderr)
         print(f"hint: {_sbatch_hint(str(e))}", file=sys.stderr)
         return 1
+    # The job's id now says whether the holder lives (squeue, or the local controller's pid); the job's
+    # rank 0 rewrites the lease with its own host and pid when it starts (update() is a no-op then).
+    if lease.read(run_dir) == holder:
+        lease.update(run_dir, replace(holder, executor=plan.kind, job_id=job.job_id))
     jobfile.record_submission(
         cfg.train.run_dir,
         name=cfg.name,
@@ -311,12 +351,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.dry_run:
             return dry_run(cfg, plan, choice)
-        for line in run_checks(cfg, choice.kind):
-            print(f"ok: {line}")
+        holder = take_lease(cfg, args.force_unlock)
+        print(f"ok: run dir: lease taken ({Path(cfg.train.run_dir) / lease.LEASE}); no other launch can use it")
     except (checks.Refused, container.ContainerError) as e:
         print(f"error: {e}\nnothing was submitted", file=sys.stderr)
         return 1
-    return _submit(cfg, plan, args, argv)
+    try:
+        for line in run_checks(cfg, choice.kind):
+            print(f"ok: {line}")
+    except BaseException as e:
+        lease.release(Path(cfg.train.run_dir), holder.token)
+        if not isinstance(e, checks.Refused):
+            raise
+        print(f"error: {e}\nnothing was submitted", file=sys.stderr)
+        return 1
+    return _submit(cfg, plan, args, argv, holder)
 
 
 if __name__ == "__main__":

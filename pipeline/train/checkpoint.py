@@ -12,6 +12,15 @@ Layout under ``<run_dir>/checkpoints``::
 DeepSpeed itself writes ``latest`` before the other ranks' shards exist and, when it is
 missing, silently starts fresh (see the notes on DeepSpeed's code); we never let it write
 ``latest``, always pass the tag ourselves, and verify the marker's file list before loading.
+
+The marker lists every file with its size and a CRC-32 computed by the rank that wrote it, right
+after writing it (the bytes are still in the page cache). Same-size damage (a flipped block, a
+garbage file of the right length) passes a size check and would be trained on; a checksum
+mismatch makes the checkpoint count as incomplete, exactly like a missing file. CRC-32 (zlib)
+because it detects accidental damage (not tampering; any burst of up to 32 bits, other damage
+with probability 1 - 2^-32) at ~2.4 GB per CPU-second here, 1.8x sha256 with SHA-NI and 4x
+blake2b (see bench/RESULTS.md). Markers written before checksums existed are
+verified by sizes only, with a note.
 This module does file bookkeeping only; the collective save/load lives in the engine seam.
 """
 
@@ -22,7 +31,10 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +44,11 @@ MARKER = "COMMITTED"
 LATEST = "latest"
 STATE = "trainer_state.json"
 TAG_PREFIX = "step_"
+CHECKSUM = "crc32"
+# Files up to this size are hashed wherever a checkpoint is inspected (the launcher's preflight on a
+# login node included: trainer_state.json, RNG states); bigger shards are hashed by the job's ranks.
+SMALL_FILE_BYTES = 16 * 2**20
+_CHUNK = 8 * 2**20
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +64,7 @@ class ResumeInfo:
     world_size: int
     zero_stage: int
     marker: dict
+    skipped: tuple[str, ...] = ()  # newer checkpoints passed over, each "tag: what is wrong"
 
 
 def tag_for(step: int) -> str:
@@ -110,29 +128,173 @@ def _files(tag_dir: Path) -> dict[str, int]:
     return out
 
 
-def commit(tag_dir: Path, info: dict[str, Any]) -> int:
+def file_checksum(path: Path) -> str:
+    """CRC-32 of the file's bytes, as 8 hex digits (read in 8 MiB chunks)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def checksum_files(tag_dir: Path, paths: Iterable[Path]) -> dict[str, str]:
+    """{path relative to ``tag_dir``: checksum} of the files this rank just wrote."""
+    return {Path(p).relative_to(tag_dir).as_posix(): file_checksum(Path(p)) for p in paths}
+
+
+def fsync_and_checksum(tag_dir: Path, written: list[Path]) -> dict[str, str]:
+    """Flush the tag dir (see fsync_tree) while a thread checksums the files this rank wrote.
+
+    fsync waits on the disk, CRC-32 on the CPU (zlib and file reads release the GIL), so the
+    checksum hides under the flush instead of adding to the save (bench/train.py measures it).
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sums = pool.submit(checksum_files, tag_dir, written)
+        fsync_tree(tag_dir)
+        return sums.result()
+
+
+def commit(tag_dir: Path, info: dict[str, Any], checksums: list[dict[str, str]] | None = None) -> int:
     """Write the commit marker (rank 0, after every rank's files are flushed) and move ``latest``.
 
-    Returns the bytes the marker lists (the checkpoint's size).
+    ``checksums[r]`` holds the checksums rank r computed of the files it wrote; files no rank
+    claimed (DeepSpeed's copied recovery script) are hashed here. Returns the bytes the marker
+    lists (the checkpoint's size).
     """
-    marker = dict(info, tag=tag_dir.name, files=_files(tag_dir), committed_at=time.time())
+    files = _files(tag_dir)
+    sums: dict[str, str] = {}
+    writers: dict[str, int] = {}
+    for rank, part in enumerate(checksums or []):
+        for rel, digest in part.items():
+            sums[rel], writers[rel] = digest, rank
+    sums.update({rel: file_checksum(tag_dir / rel) for rel in files if rel not in sums})
+    marker = dict(
+        info,
+        tag=tag_dir.name,
+        files=files,
+        checksums={"algorithm": CHECKSUM, "files": sums, "writers": writers},
+        committed_at=time.time(),
+    )
     atomic_write(tag_dir / MARKER, json.dumps(marker, indent=1, sort_keys=True))
     atomic_write(tag_dir.parent / LATEST, tag_dir.name)
     return sum(marker["files"].values())
 
 
+def read_marker(tag_dir: Path) -> tuple[dict | None, str | None]:
+    """(marker, None) or (None, what is wrong with it)."""
+    path = tag_dir / MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, f"no {MARKER} marker (the save did not finish)"
+    except (OSError, ValueError) as e:
+        return None, f"{path} is unreadable ({e})"
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        return None, f"{path} is not a commit marker (no file list)"
+    return marker, None
+
+
+def size_problems(tag_dir: Path, marker: dict) -> list[str]:
+    """Every listed file that is missing or has another size than at the commit."""
+    problems = []
+    for rel, size in marker["files"].items():
+        p = tag_dir / rel
+        have = p.stat().st_size if p.is_file() else None
+        if have != size:
+            found = "missing" if have is None else f"{have} bytes"
+            problems.append(f"{p} is missing or has the wrong size ({found}, committed {size} bytes)")
+    return problems
+
+
+def checksum_share(marker: dict, rank: int, world_size: int, max_bytes: int | None = None) -> list[str]:
+    """The files ``rank`` verifies: those it wrote when the world size is unchanged, the rest dealt
+    out round-robin, so the ranks together read every file once, in parallel."""
+    sums = marker.get("checksums", {}).get("files", {})
+    writers = marker.get("checksums", {}).get("writers", {})
+    same = int(marker.get("world_size", -1)) == world_size
+    mine, orphans = [], []
+    for rel in sorted(sums):
+        if max_bytes is not None and marker["files"].get(rel, 0) > max_bytes:
+            continue
+        writer = writers.get(rel)
+        if same and writer is not None and writer < world_size:
+            if writer == rank:
+                mine.append(rel)
+        else:
+            orphans.append(rel)
+    return mine + orphans[rank::world_size]
+
+
+def checksum_problems(tag_dir: Path, marker: dict, names: list[str]) -> list[str]:
+    """The files among ``names`` whose bytes no longer match the checksum of the commit."""
+    sums = marker["checksums"]["files"]
+    problems = []
+    for rel in names:
+        try:
+            digest = file_checksum(tag_dir / rel)
+        except OSError as e:
+            problems.append(f"{tag_dir / rel} is unreadable ({e.strerror or e})")
+            continue
+        if digest != sums[rel]:
+            problems.append(f"{tag_dir / rel} does not match its checksum ({CHECKSUM} {digest}, committed {sums[rel]})")
+    return problems
+
+
 def verify(tag_dir: Path) -> dict | None:
     """The marker if ``tag_dir`` is complete (marker present, every listed file at its size)."""
-    try:
-        marker = json.loads((tag_dir / MARKER).read_text())
-    except (OSError, ValueError):
+    marker, problem = read_marker(tag_dir)
+    problems = [problem] if marker is None else size_problems(tag_dir, marker)
+    if problems:
+        log.warning("checkpoint %s is damaged: %s", tag_dir, "; ".join(problems))
         return None
-    for rel, size in marker.get("files", {}).items():
-        p = tag_dir / rel
-        if not p.is_file() or p.stat().st_size != size:
-            log.warning("checkpoint %s is damaged: %s is missing or has the wrong size", tag_dir, rel)
-            return None
     return marker
+
+
+Agree = Callable[[list[str]], list[str]]
+
+
+def _alone(problems: list[str]) -> list[str]:
+    return problems
+
+
+def check_tag(
+    tag_dir: Path,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    agree: Agree = _alone,
+    max_bytes: int | None = SMALL_FILE_BYTES,
+) -> tuple[dict | None, list[str]]:
+    """(marker, []) if ``tag_dir`` is complete and intact, else (None, what is wrong).
+
+    Every rank checks sizes and the checksums of its share (files over ``max_bytes`` are left to
+    sizes; None hashes all), then ``agree`` (a collective in a job) unites the ranks' findings so
+    that all ranks take the same decision.
+    """  # fmt: skip
+    marker, problem = read_marker(tag_dir)
+    mine = [problem] if marker is None else size_problems(tag_dir, marker)
+    if marker is not None and not mine:
+        if "checksums" in marker:
+            mine = checksum_problems(tag_dir, marker, checksum_share(marker, rank, world_size, max_bytes))
+        mine += _state_problems(tag_dir, marker)
+    problems = list(dict.fromkeys(agree(mine)))  # in rank order, without repeats
+    if marker is not None and not problems and "checksums" not in marker and rank == 0:
+        log.warning(
+            "checkpoint %s has no checksums (written before they were recorded): verified by file sizes only",
+            tag_dir,
+        )  # fmt: skip
+    return (None, problems) if problems else (marker, [])
+
+
+def _state_problems(tag_dir: Path, marker: dict) -> list[str]:
+    """trainer_state.json must parse (catches garbage in old, checksum-less checkpoints too)."""
+    if STATE not in marker["files"]:
+        return []
+    try:
+        read_state(tag_dir)
+    except CheckpointError as e:
+        return [str(e)]
+    return []
 
 
 def _info(tag_dir: Path, marker: dict) -> ResumeInfo:
@@ -147,29 +309,43 @@ def _info(tag_dir: Path, marker: dict) -> ResumeInfo:
     )
 
 
-def inspect_run_dir(run_dir: str | Path) -> ResumeInfo | None:
-    """The newest complete checkpoint of ``run_dir``; None when it has no checkpoints at all.
+def inspect_run_dir(
+    run_dir: str | Path,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    agree: Agree = _alone,
+    max_bytes: int | None = SMALL_FILE_BYTES,
+) -> ResumeInfo | None:
+    """The newest complete, intact checkpoint of ``run_dir``; None when it has no checkpoints at all.
 
-    Raises CheckpointError when checkpoints exist but none is complete: starting fresh there would
-    silently throw away a run.
-    """
+    A damaged checkpoint (missing file, wrong size, checksum mismatch, unreadable state) is skipped
+    with a warning naming the file and the step, like an incomplete one. Raises CheckpointError
+    when checkpoints exist but none is usable: starting fresh there would silently throw away a run.
+    In a job every rank calls this with its rank and a collective ``agree`` (see check_tag).
+    """  # fmt: skip
     ckpt_dir = checkpoints_dir(run_dir)
     tags = _tag_dirs(ckpt_dir)
     if not tags:
         return None
     pointed = _read_latest(ckpt_dir)
+    skipped = []
     for tag_dir in reversed(tags):
-        marker = verify(tag_dir)
+        marker, problems = check_tag(tag_dir, rank=rank, world_size=world_size, agree=agree, max_bytes=max_bytes)
         if marker is None:
-            log.warning("skipping incomplete checkpoint %s (no valid %s marker)", tag_dir, MARKER)
+            step = int(tag_dir.name[len(TAG_PREFIX) :])
+            why = "; ".join(problems)
+            log.warning("skipping incomplete checkpoint %s (step %d): %s; falling back to the previous one",
+                        tag_dir.name, step, why)  # fmt: skip
+            skipped.append(f"{tag_dir.name}: {why}")
             continue
         if pointed is not None and pointed != tag_dir.name:
             log.warning("'latest' names %s but %s is the newest complete checkpoint; using it", pointed, tag_dir.name)
-        return _info(tag_dir, marker)
+        return replace(_info(tag_dir, marker), skipped=tuple(skipped))
     raise CheckpointError(
         f"{ckpt_dir} holds {len(tags)} checkpoint(s) ({tags[0].name} .. {tags[-1].name}) but none is complete "
-        f"(a job was killed while saving). Refusing to start fresh over them: move the folder away to start "
-        f"a new run, or point train.run_dir at a new directory."
+        f"and intact ({' | '.join(skipped)}). Refusing to start fresh over them: restore the files from a copy, "
+        f"move the folder away to start a new run, or point train.run_dir at a new directory."
     )
 
 
@@ -213,9 +389,9 @@ def resolve_checkpoint(path: str | Path) -> ResumeInfo:
     """A run dir, its checkpoints dir, or one tag dir -> the complete checkpoint it means."""
     path = Path(path)
     if (path / MARKER).exists() or path.name.startswith(TAG_PREFIX):
-        marker = verify(path)
+        marker, problems = check_tag(path, max_bytes=None)
         if marker is None:
-            raise CheckpointError(f"{path} is not a complete checkpoint (no valid {MARKER} marker)")
+            raise CheckpointError(f"{path} is not a complete checkpoint: {'; '.join(problems)}")
         return _info(path, marker)
     run_dir = path.parent if path.name == "checkpoints" else path
     info = inspect_run_dir(run_dir)
@@ -240,7 +416,25 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def read_state(tag_dir: Path) -> dict:
-    return json.loads((tag_dir / STATE).read_text())
+    """trainer_state.json; an unreadable one raises CheckpointError naming the file."""
+    path = tag_dir / STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a trainer state (no 'step')")
+    return state
+
+
+def read_torch(path: Path) -> Any:
+    """A small torch file of a checkpoint (RNG states); errors name the file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types (pickle, zip, EOF) without the path
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
 
 
 def write_state(tag_dir: Path, state: dict) -> None:

@@ -11,6 +11,8 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from pipeline.config import BatchPlan, Config
+from pipeline.train.checkpoint import CheckpointError, read_torch
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +124,72 @@ def step_applied(engine: Any) -> bool:
     return bool(engine.was_step_applied())
 
 
-def save(engine: Any, ckpt_dir: Path, tag: str) -> None:
-    """Collective: every rank writes its shards. ``latest`` is ours (written after the commit)."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+@contextmanager
+def _recording(engine: Any, method: Literal["save", "load"]) -> Iterator[list[Path]]:
+    """The paths this rank passes to the checkpoint engine's ``save``/``load`` meanwhile.
+
+    DeepSpeed routes every shard it writes or reads through ``engine.checkpoint_engine``
+    (``save(state_dict, path)``, ``load(path, map_location)``); watching it tells each rank which
+    files it wrote (to checksum them) and which file a failed load was reading.
+    """
+    target = engine.checkpoint_engine
+    shadowed = method in vars(target)
+    original = getattr(target, method)
+    paths: list[Path] = []
+
+    def save(state_dict: Any, path: str) -> Any:
+        paths.append(Path(path))
+        return original(state_dict, path)
+
+    def load(path: str, map_location: Any = None) -> Any:
+        paths.append(Path(path))
+        return original(path, map_location=map_location)
+
+    setattr(target, method, save if method == "save" else load)
+    try:
+        yield paths
+    finally:
+        if shadowed:
+            setattr(target, method, original)
+        else:
+            delattr(target, method)
+
+
+def save(engine: Any, ckpt_dir: Path, tag: str) -> list[Path]:
+    """Collective: every rank writes its shards. ``latest`` is ours (written after the commit).
+
+    Returns the files this rank wrote (DeepSpeed's own recovery-script copy is not among them).
+    """
+    with _recording(engine, "save") as written:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    return written
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str) -> None:
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    """Collective load of ``tag``; any failure raises CheckpointError naming the file being read."""
+    with _recording(engine, "load") as read:
+        try:
+            path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+        except Exception as e:  # torch/pickle errors do not say which file they were reading
+            where = read[-1] if read else ckpt_dir / tag
+            raise CheckpointError(f"loading {where} failed: {type(e).__name__}: {e}") from e
     if path is None:
         # DeepSpeed only warns here; a silent fresh start is exactly what we must never do.
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Collective: every rank's ``obj``, in rank order, on every rank (a process outside a group is alone)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def union_across_ranks(items: list[str]) -> list[str]:
+    """Collective: all ranks' ``items`` concatenated in rank order (the same list on every rank)."""
+    return [item for part in all_gather(items) for item in part]
 
 
 def to_universal(tag_dir: Path) -> Path:
@@ -182,9 +241,12 @@ def gathered_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
 def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """One fp32 state dict from a sharded checkpoint, on one process, without an engine."""
     if zero_stage == 0:
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = read_torch(tag_dir / "mp_rank_00_model_states.pt")  # errors name the file
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as e:  # DeepSpeed's reader does not always say which shard failed
+        raise CheckpointError(f"consolidating {tag_dir} failed: {type(e).__name__}: {e}") from e
     return {k: v.float().contiguous() for k, v in sd.items()}

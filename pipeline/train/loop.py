@@ -21,11 +21,12 @@ from pipeline.config import Config
 from pipeline.data import soft_target_cross_entropy
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
+from pipeline.train import lease as run_lease
 from pipeline.train import preemption, space
 from pipeline.train.dist_env import detect
 from pipeline.train.metrics import Window, mfu
 from pipeline.train.recipe import set_lr
-from pipeline.train.setup import Run, build_run, finish_run, save_checkpoint
+from pipeline.train.setup import Run, build_run, finish_run, resume_candidate, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ class Progress:
 def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
     """Train according to ``cfg`` on this rank; resume from ``cfg.train.run_dir`` if it has checkpoints."""
     env = detect()
-    r = build_run(cfg, env, list(overrides))
+    try:
+        r = build_run(cfg, env, list(overrides))
+    except BaseException:
+        run_lease.end_held("FAILED")  # a job that never started must not keep the run dir
+        raise
     preemption.install()
     status: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"
     try:
@@ -188,7 +193,7 @@ def _on_skipped(r: Run, p: Progress) -> bool:
             f"non-finite loss/gradients again at {span} after rolling back once; lower optim.lr, raise "
             f"optim.warmup_steps, or switch train.precision (now {r.cfg.train.precision})"
         )
-    info = ckpt.inspect_run_dir(r.run_dir)
+    info = resume_candidate(r.run_dir, r.env)  # collective: an intact checkpoint, agreed by all ranks
     if info is None:
         raise NonFiniteError(f"non-finite loss/gradients at {span} and no checkpoint to roll back to")
     log.warning("%s non-finite: rolling back to %s and skipping that data window", span, info.tag)

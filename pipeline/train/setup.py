@@ -30,8 +30,10 @@ from pipeline.model import ViT, forward_macs
 from pipeline.tracking import experiment_for, open_tracker, pretrain_tags, run_name_for, run_tags
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
+from pipeline.train import lease as run_lease
 from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 from pipeline.train.dist_env import DistEnv
+from pipeline.train.lease import RunDirBusy
 from pipeline.train.metrics import device_peak_tflops
 from pipeline.train.recipe import Schedule, make_schedule, param_groups
 from pipeline.train.resume import ResumePlan, plan_resume
@@ -102,6 +104,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     # Before any weights exist: a label past the head would fail at step 1 (a device-side assert on a GPU).
     log.info("data: %s", check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key))
     run_dir = Path(cfg.train.run_dir).absolute()
+    _hold_run_dir(run_dir, env)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     info = _resume_info(cfg, env, run_dir)
@@ -146,9 +149,23 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     return run
 
 
+def _hold_run_dir(run_dir: Path, env: DistEnv) -> None:
+    """Collective: rank 0 takes (or adopts) the run dir's lease; all ranks refuse together if another
+    live job holds it (see lease.py), before anything in the run dir is read or written."""
+    refusal: list[str | None] = [None]
+    if env.rank == 0:
+        try:
+            run_lease.hold_for_job(run_dir)
+        except RunDirBusy as e:
+            refusal = [str(e)]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise RunDirBusy(refusal[0])
+
+
 def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
     """The checkpoint to resume from, after checking it fits this config (before any step)."""
-    info = ckpt.inspect_run_dir(run_dir)
+    info = resume_candidate(run_dir, env)
     if info is None:
         if cfg.checkpoint.resume == "require":
             raise CheckpointError(
@@ -189,6 +206,17 @@ def _resumed_schedule(saved: Schedule, state: dict, resume: ResumePlan | None, p
         return saved
     total = state["samples_seen"] + max(0, resume.steps[1] - state["step"]) * plan.global_batch_size
     return saved.stretch(state["samples_seen"], total)
+
+
+def resume_candidate(run_dir: Path, env: DistEnv) -> ResumeInfo | None:
+    """Collective: the newest checkpoint whose every file matches its commit, agreed by all ranks.
+
+    Each rank checksums its own share of the files in parallel; the ranks unite their findings
+    before choosing, so all of them load the same checkpoint (or all refuse).
+    """
+    return ckpt.inspect_run_dir(
+        run_dir, rank=env.rank, world_size=env.world_size, agree=ds.union_across_ranks, max_bytes=None
+    )
 
 
 def _prepare_universal(info: ResumeInfo, env: DistEnv) -> str:
@@ -303,7 +331,7 @@ def _restore_rng(info: ResumeInfo, env: DistEnv, seed: int, step: int) -> None:
         # Another world size: rank r's stream has no counterpart; derive a fresh, reproducible one.
         _seed_all(seed + 1000 * env.rank + step)
         return
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.read_torch(path)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -345,19 +373,22 @@ def save_checkpoint(r: Run) -> Path:
         shutil.rmtree(tag_dir)  # a partial left by a killed job at this same step
     dist.barrier()
     t0 = time.perf_counter()
-    ds.save(r.engine, ckpt_dir, tag)
-    torch.save(_rng_state(), _rng_path(tag_dir, r.env.rank))
-    ckpt.atomic_write(_loader_path(tag_dir, r.env.rank), json.dumps(r.train_loader.state_dict()))
+    written = ds.save(r.engine, ckpt_dir, tag)
+    written.append(_rng_path(tag_dir, r.env.rank))
+    torch.save(_rng_state(), written[-1])
+    written.append(_loader_path(tag_dir, r.env.rank))
+    ckpt.atomic_write(written[-1], json.dumps(r.train_loader.state_dict()))
     if r.env.rank == 0:
         state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
         ckpt.write_state(tag_dir, state)
-    ckpt.fsync_tree(tag_dir)
+        written.append(tag_dir / ckpt.STATE)
+    checksums = ckpt.fsync_and_checksum(tag_dir, written)  # by the writer, bytes still in the page cache
     seconds, _, at_step = os.environ.get(SAVE_PAUSE_ENV, "").partition("@")
     if seconds and int(at_step or -1) == r.state["step"] and r.env.rank == r.env.world_size - 1:
         time.sleep(float(seconds))
-    dist.barrier()  # every rank's files are on disk
+    checksums_by_rank = ds.all_gather(checksums)  # collective: every rank's files are on disk
     if r.env.rank == 0:
-        gb = ckpt.commit(tag_dir, _marker(r)) / 1e9
+        gb = ckpt.commit(tag_dir, _marker(r), checksums_by_rank) / 1e9
         ckpt.prune(ckpt_dir, r.cfg.checkpoint.keep_last)
     dist.barrier()
     if r.env.rank == 0:
@@ -388,6 +419,7 @@ def finish_run(r: Run, status: str) -> None:
                 r.tracker.log_artifact(out / "model.json", "export")
             dist.barrier()
     finally:
+        run_lease.end_held(status)  # kept when KILLED: a requeued job adopts it
         r.tracker.close(status)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -175,3 +175,6 @@ def test_preemption_requeues_without_using_up_timeouts(
     log = _log(run_dir, job_id, 0)
     assert "this job is preempted" in log and "Requeued job" in log and "(0 remaining timeouts)" in log
     assert f"resumed from {run_dir}/checkpoints/step_{attempts[0]['step']:08d}" in log
+    # The run dir's lease: the launcher's, adopted by both attempts (kept across the requeue), then released.
+    assert log.count("adopted the lease taken by the launcher") == 2
+    assert "keeping the lease of" in log and not (run_dir / "lease.json").exists()

@@ -180,3 +180,34 @@ def test_checkpoint_of_another_model_is_refused(
     err = capsys.readouterr().err
     assert "was written for another model: model.dim: checkpoint 96 vs config 48" in err
     _nothing_submitted(run_dir)
+
+
+@pytest.mark.timeout(60)
+def test_preflight_skips_a_checkpoint_with_a_garbage_trainer_state(tmp_path: Path, synthetic_shards: Path) -> None:
+    from pipeline.config import config_to_dict
+    from pipeline.train.checkpoint import checksum_files, commit, tag_for
+
+    run_dir = tmp_path / "run"
+    model = config_to_dict(load_config(REPO / "configs/smoke.yaml", ["model.num_classes=4"]).model)
+    for step in (30, 40):  # as a 2-rank ZeRO-2 save leaves them, with the checksums of their writers
+        tag_dir = run_dir / "checkpoints" / tag_for(step)
+        tag_dir.mkdir(parents=True)
+        (tag_dir / "mp_rank_00_model_states.pt").write_bytes(os.urandom(4096))
+        (tag_dir / "trainer_state.json").write_text(f'{{"step": {step}, "samples_seen": {32 * step}}}')
+        info = {"step": step, "samples_seen": 32 * step, "world_size": 2, "zero_stage": 2, "model": model}
+        commit(tag_dir, info, [checksum_files(tag_dir, list(tag_dir.iterdir()))])
+    state = run_dir / "checkpoints" / tag_for(40) / "trainer_state.json"
+    state.write_bytes(b"\x00" * state.stat().st_size)  # same size, garbage
+    out = run_launcher(smoke_args(synthetic_shards, run_dir, "--dry-run", "--local"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (
+        "ok: checkpoint: resumes from step 30 (step_00000030, saved by 2 ranks); skipped damaged step_00000040: "
+        f"{state} does not match its checksum" in out.stdout
+    )
+    state.write_bytes(b"\x00" * 3)  # and once the older one is damaged too: refused, never a fresh start
+    (run_dir / "checkpoints" / tag_for(30) / "trainer_state.json").write_text('{"step": 30, "samples_seen": 961}')
+    out = run_launcher(smoke_args(synthetic_shards, run_dir, "--dry-run", "--local"))
+    assert out.returncode == 1
+    assert "REFUSED: " in out.stdout and "but none is complete and intact" in out.stdout
+    assert f"{state} is missing or has the wrong size (3 bytes, committed" in out.stdout
+    assert f"{run_dir / 'checkpoints' / tag_for(30) / 'trainer_state.json'} does not match its checksum" in out.stdout
