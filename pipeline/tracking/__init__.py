@@ -42,7 +42,13 @@ from pipeline.tracking.read import (
     run_summary,
 )
 from pipeline.tracking.server import SERVER_URL_FILE, read_server_url
-from pipeline.tracking.tracker import Tracker, open_tracker
+from pipeline.tracking.tracker import (
+    Tracker,
+    TrackingUnavailable,
+    check_tracking,
+    end_orphaned_run,
+    open_tracker,
+)
 
 __all__ = [
     "HEADLINE_METRICS",
@@ -54,6 +60,9 @@ __all__ = [
     "SERVER_URL_FILE",
     "RunSummary",
     "Tracker",
+    "TrackingUnavailable",
+    "check_tracking",
+    "end_orphaned_run",
     "compare_rows",
     "default_tracking_uri",
     "experiment_for",

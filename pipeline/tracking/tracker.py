@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import re
 import threading
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config.schema import ConfigError, TrackingConfig
+from pipeline.config.schema import ConfigError, TrackingConfig, refuse_uri_credentials
 from pipeline.tracking import state as st
 from pipeline.tracking.naming import default_tracking_uri, is_remote, read_tracking_state
 
@@ -63,6 +64,11 @@ class Tracker:
 
     def log_history_plot(self) -> None:
         """Render the loss/accuracy PNG from every metric logged so far and upload it."""
+
+    @property
+    def undelivered(self) -> int:
+        """After close(): how many records never reached the store (they stay in the buffer file)."""
+        return 0
 
     def close(self, status: Status = "FINISHED", timeout_s: float = 30.0) -> None:
         """Flush within ``timeout_s``, end the run with ``status``; what is left stays buffered."""
@@ -155,6 +161,7 @@ class WriterTracker(Tracker):
         self._known_params: dict[str, str] = {}
         self._experiment_id = ""
         self._down = self._warned = self._abandoned = self._closed = False
+        self._undelivered = 0
         self._last_try = self._last_save = self._last_renew = 0.0
         self._ready = threading.Event()
         self._wake = threading.Event()  # set by close(): stop gathering, deliver now
@@ -257,6 +264,19 @@ class WriterTracker(Tracker):
             )
         self._save_state(force=True)
         self._lease.release()
+        self._undelivered = len(self._buffer.read())
+        if self._undelivered:
+            log.error(
+                "tracking: %d record(s) never reached %s; they stay in %s and are replayed at the next start of "
+                "this run (run the same command again once the store answers)",
+                self._undelivered,
+                self._uri,
+                self._buffer.path,
+            )
+
+    @property
+    def undelivered(self) -> int:
+        return self._undelivered
 
     def _at_exit(self) -> None:
         """The interpreter exits without close() (an exception ended training): end the run as FAILED,
@@ -529,10 +549,70 @@ class NodeTracker(Tracker):
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 
 
+class TrackingUnavailable(RuntimeError):
+    """The configured tracking store refuses this user or does not answer; the message says the fix."""
+
+
+def check_tracking(tracking: TrackingConfig, run_dir: Path) -> str:
+    """Before a job is queued: the tracking URI is usable, and a server answers one authenticated
+    request (MLflow's own client, so MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN apply as in the job).
+
+    Returns a one-line summary; raises ConfigError (bad URI) or TrackingUnavailable.
+    """
+    if not tracking.enabled:
+        return "tracking: off (tracking.enabled=false)"
+    uri = default_tracking_uri(tracking, run_dir)
+    _check_uri(uri, tracking)
+    if not is_remote(uri):
+        return f"tracking: local store {uri}"
+    from pipeline.tracking import backend
+
+    backend.configure_http(tracking.timeout_s, 0)
+    status, why = backend.check_access(uri)
+    if status == 0:
+        return f"tracking: {uri} answers and accepts these credentials"
+    if status == 401:
+        raise TrackingUnavailable(
+            f"the tracking server {uri} refused the credentials (HTTP 401): export the right "
+            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it "
+            f"(now: user {os.environ.get('MLFLOW_TRACKING_USERNAME') or 'not set'})"
+        )
+    if status == 403:
+        raise TrackingUnavailable(
+            f"the tracking server {uri} denies user {os.environ.get('MLFLOW_TRACKING_USERNAME') or '-'} access "
+            f"(HTTP 403): ask its admin for permission, or use another MLFLOW_TRACKING_USERNAME"
+        )
+    raise TrackingUnavailable(
+        f"the tracking server {uri} does not answer ({why}): start it (python launch/mlflow_server.py start), "
+        f"fix tracking.uri / MLFLOW_TRACKING_URI, or turn tracking off (tracking.enabled=false)"
+    )
+
+
+def end_orphaned_run(run_dir: Path, status: Status) -> str | None:
+    """End the run dir's MLflow run with ``status`` if it still says RUNNING although its job is gone
+    (a SIGKILLed or cancelled rank 0 never ends it). Returns what was done, or None (nothing to do)."""
+    state = read_tracking_state(run_dir)
+    run_id, uri = state.get("run_id"), state.get("tracking_uri")
+    if not run_id or not uri:
+        return None
+    from pipeline.tracking import backend
+
+    backend.configure_http(5.0, 0, keep_existing=True)
+    try:
+        client = backend.Store(uri).client
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        client.set_terminated(run_id, status)
+    except Exception as e:  # a status query must still print when the store is away
+        return f"MLflow run {run_id} still says RUNNING; not marked {status} ({_reason(e)})"
+    return f"MLflow run {run_id} marked {status}: its job ended without ending it"
+
+
 def _check_uri(uri: str, tracking: TrackingConfig) -> None:
+    source = "tracking.uri" if tracking.uri else "MLFLOW_TRACKING_URI"
+    refuse_uri_credentials(uri, source)
     scheme = uri.partition("://")[0].partition("+")[0] if "://" in uri else ""
     if scheme not in _SCHEMES:
-        source = "tracking.uri" if tracking.uri else "MLFLOW_TRACKING_URI"
         raise ConfigError(
             f"{source}={uri!r} is not a tracking URI MLflow can use; give http://host:port (a server), "
             f"sqlite:////abs/path/mlflow.db (a local store) or a database URI ({', '.join(_SCHEMES)})"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.data import soft_target_cross_entropy
+from pipeline.data import DataError, soft_target_cross_entropy
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import preemption
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 # Test hook: optimizer step numbers (1-based, as logged) whose loss is made NaN on rank 0.
 NONFINITE_ENV = "PIPELINE_INJECT_NONFINITE"
+# Test hook, "RANK@STEP": that rank raises the loader's DataError before that step (1-based), as a
+# damaged shard only it reads would; the other ranks then lose their peer in the next collective.
+DATA_ERROR_ENV = "PIPELINE_INJECT_DATA_ERROR"
 
 
 class NonFiniteError(RuntimeError):
@@ -44,6 +47,7 @@ class TrainResult:
     samples_seen: int
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
+    undelivered: int = 0  # tracking records that never reached the store (rank 0; kept for replay)
 
 
 @dataclass
@@ -67,10 +71,11 @@ def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainRes
     try:
         result = _train(r)
         status = "FINISHED" if result.status == "completed" else "KILLED"
-        return result
     finally:
         preemption.uninstall()
         finish_run(r, status)
+    result.undelivered = r.tracker.undelivered
+    return result
 
 
 def _train(r: Run) -> TrainResult:
@@ -122,6 +127,7 @@ def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
     engine, wait = r.engine, 0.0
     loss_sum = torch.zeros((), dtype=torch.float64)
     inject = _inject_nonfinite(r)
+    _inject_data_error(r)
     for _ in range(r.plan.grad_accum):
         t0 = time.perf_counter()
         images, labels = next(data)
@@ -152,6 +158,15 @@ def _inject_nonfinite(r: Run) -> bool:
     raw = os.environ.get(NONFINITE_ENV, "")
     steps = {int(s) for s in raw.split(",") if s.strip().isdigit()}
     return r.env.rank == 0 and (r.state["step"] + 1) in steps
+
+
+def _inject_data_error(r: Run) -> None:
+    rank, _, step = os.environ.get(DATA_ERROR_ENV, "").partition("@")
+    if rank.isdigit() and step.isdigit() and int(rank) == r.env.rank and r.state["step"] + 1 == int(step):
+        raise DataError(
+            f"data: 40 of 48 samples read on rank {r.env.rank} were skipped (83.33%), above data.max_skip_frac "
+            f"(injected by {DATA_ERROR_ENV} at step {step}); worst shards: train-000003.tar (40)"
+        )
 
 
 def _on_skipped(r: Run, p: Progress) -> bool:
