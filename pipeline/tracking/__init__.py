@@ -33,6 +33,7 @@ from pipeline.tracking.naming import (
 from pipeline.tracking.read import (
     RunSummary,
     compare_rows,
+    counted_history,
     experiment_runs,
     find_run,
     format_table,
@@ -64,6 +65,7 @@ __all__ = [
     "check_tracking",
     "end_orphaned_run",
     "compare_rows",
+    "counted_history",
     "default_tracking_uri",
     "experiment_for",
     "experiment_runs",

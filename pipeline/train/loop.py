@@ -60,6 +60,7 @@ class Progress:
     last_saved_step: int = -1
     window: Window = field(default_factory=Window)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    logged: dict[str, int] = field(default_factory=dict)  # highest step per key in metrics.jsonl (rank 0)
 
 
 def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
@@ -79,7 +80,8 @@ def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainRes
 
 
 def _train(r: Run) -> TrainResult:
-    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1)
+    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1, logged=_logged_steps(r))
+    _supersede(r, p, to_step=r.state["step"], from_step=None)  # steps a killed attempt ran past its checkpoint
     data = iter(r.train_loader)
     total = r.schedule.total_samples
     log.info(
@@ -195,6 +197,7 @@ def _on_skipped(r: Run, p: Progress) -> bool:
     for key in ("step", "samples_seen", "skipped_steps"):
         r.state[key] = saved[key]
     r.state["skipped_steps"] += p.consecutive_skips  # the skipped steps still happened
+    _supersede(r, p, to_step=saved["step"], from_step=p.first_skip_step + p.consecutive_skips - 1)
     p.rollbacks += 1
     p.consecutive_skips = 0
     return True
@@ -231,12 +234,53 @@ def _log_step(r: Run, p: Progress) -> None:
 
 
 def _record(r: Run, p: Progress, metrics: dict[str, float]) -> None:
-    """To MLflow, and to <run_dir>/metrics.jsonl: a plain record that needs no server to read."""
-    r.tracker.log_metrics(metrics, step=r.state["step"])
+    """To MLflow, and to <run_dir>/metrics.jsonl: a plain record that needs no server to read.
+
+    One value per key and step in metrics.jsonl (README, "Metrics: one value per step"): the lines of
+    steps that training went back over were removed by ``_supersede``."""
+    step = r.state["step"]
+    r.tracker.log_metrics(metrics, step=step)
     p.last_metrics.update(metrics)
-    if r.env.rank == 0:
+    # A key already recorded at this step (an evaluation repeated by the start of a complete run) is
+    # the same trajectory: not written twice.
+    fresh = {k: v for k, v in metrics.items() if step > p.logged.get(k, -1)}
+    if r.env.rank == 0 and fresh:
+        p.logged.update(dict.fromkeys(fresh, step))
         with open(r.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps({"step": r.state["step"], "time": time.time(), **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "time": time.time(), **fresh}) + "\n")
+
+
+def _read_metrics_file(r: Run) -> list[dict]:
+    path = r.run_dir / METRICS_FILE
+    if r.env.rank != 0 or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+    return out
+
+
+def _logged_steps(r: Run) -> dict[str, int]:
+    logged: dict[str, int] = {}
+    for record in _read_metrics_file(r):
+        for key in record:
+            if key not in ("step", "time"):
+                logged[key] = max(logged.get(key, -1), int(record["step"]))
+    return logged
+
+
+def _supersede(r: Run, p: Progress, *, to_step: int, from_step: int | None) -> None:
+    """Training goes on from the checkpoint of ``to_step`` (a rollback, or a resume after a kill): the
+    lines of later steps leave metrics.jsonl (their re-run replaces them), and the tracker marks the
+    superseded MLflow points (MLflow cannot delete them)."""
+    if r.env.rank == 0 and max(p.logged.values(), default=-1) > to_step:
+        kept = [rec for rec in _read_metrics_file(r) if int(rec["step"]) <= to_step]
+        ckpt.atomic_write(r.run_dir / METRICS_FILE, "".join(json.dumps(rec) + "\n" for rec in kept))
+        p.logged = {k: min(v, to_step) for k, v in p.logged.items()}
+    r.tracker.rolled_back(to_step, from_step)
 
 
 def _sum_counters(counters: dict[str, int]) -> dict[str, int]:

@@ -7,6 +7,7 @@ non-finite steps are skipped, rolled back and finally refused with the step rang
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def test_kill_mid_checkpoint_then_resume_is_bit_identical(
     assert "resumed from" in resumed.stdout and "step_00000015" in resumed.stdout
     ref, got = losses(reference), losses(run_dir)
     assert [got[s] for s in range(16, 21)] == [ref[s] for s in range(16, 21)]  # exact equality
+    # The killed attempt's lines for steps 16-20 were superseded by the resumed run's: one line each.
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in lines if "train/loss" in rec] == list(range(1, STEPS + 1))
     a, b = weights(reference), weights(run_dir)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
