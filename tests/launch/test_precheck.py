@@ -4,6 +4,7 @@ credentials or does not answer, credentials inside the tracking URI (never writt
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from pipeline.config import config_to_dict, load_config
 from pipeline.model import ViT
+from pipeline.tracking import find_run, metric_history
 from pipeline.tracking.server import free_port
 from pipeline.train.export import write_export
 from tests.fixtures.mlflow_server import MlflowTestServer, start_mlflow_server
@@ -148,3 +150,40 @@ def test_credentials_inside_the_tracking_uri_are_refused_and_written_nowhere(
     assert f"MLFLOW_TRACKING_URI='http://alice:***@127.0.0.1:{port}' {fix}" in err
     assert secret not in out.stdout + out.stderr
     assert _files_containing(tmp_path, secret) == []
+
+
+@pytest.mark.timeout(900)
+def test_a_run_whose_metrics_never_reached_the_server_does_not_end_as_a_plain_success(
+    tmp_path: Path, synthetic_shards: Path, auth_server: tuple[MlflowTestServer, str]
+) -> None:
+    from tests.train.conftest import assert_ok, losses, train
+
+    server, password = auth_server
+    run_dir = tmp_path / "run"
+    args = [
+        f"data.path={synthetic_shards}", f"train.run_dir={run_dir}", "train.steps=10", "train.log_every=1",
+        "checkpoint.every_steps=5", f"tracking.uri={server.url}", "tracking.timeout_s=2", "tracking.max_retries=0",
+        "tracking.retry_s=1", "tracking.system_metrics=false",
+    ]  # fmt: skip
+    # The password went wrong after submission (rotated): straight to the ranks, as srun would start them.
+    wrong = train(
+        2, args, env={"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "rotated"}, timeout=600
+    )
+    assert wrong.returncode != 0, wrong.stdout[-4000:]  # rank 0 exits 4: trained, metrics not delivered
+    assert f"never reached {server.url}; they stay in {run_dir / 'tracking_buffer.jsonl'}" in wrong.stdout
+    buffered = [json.loads(line) for line in (run_dir / "tracking_buffer.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in buffered if r["t"] == "m" and "train/loss" in r["v"]] == list(range(1, 11))
+    for secret in (password, "rotated"):
+        assert _files_containing(tmp_path, secret) == []  # not in config.yaml, trainer_state.json, buffer, logs
+
+    # With the right password the next start of the (complete) run delivers everything and succeeds.
+    right = train(2, args, env={"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}, timeout=600)
+    assert_ok(right)
+    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
+    try:
+        run = find_run(run_dir)
+        history = metric_history(run.tracking_uri, run.run_id, "train/loss")
+    finally:
+        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    assert history == sorted(losses(run_dir).items())
+    assert not (run_dir / "tracking_buffer.jsonl").exists()
