@@ -21,6 +21,7 @@ from launch.jobfile import (
     describe_failure,
     first_failure,
     read_job_file,
+    update_job_file,
 )
 
 FINAL = cluster.FINAL_STATES | {"KILLED"}
@@ -113,12 +114,15 @@ def reconcile(run_dir: Path, data: dict[str, Any], states: dict[str, str]) -> li
         for a in close_stale_attempts(run_dir, jid, result, why):
             notes.append(f"attempt restart={a.get('restart')} of job {jid}: was 'running', is {result} ({state})")
     newest = read_job_file(run_dir).get("attempts", [])[-1:]
-    if newest and newest[0].get("result") in ("failed", "killed"):
-        from pipeline.tracking import end_orphaned_run
+    if newest and newest[0].get("result") in ("failed", "killed") and not newest[0].get("mlflow_checked"):
+        from pipeline.tracking import TrackingUnavailable, end_orphaned_run
 
-        done = end_orphaned_run(run_dir, "KILLED" if newest[0]["result"] == "killed" else "FAILED")
-        if done:
-            notes.append(done)
+        try:
+            done = end_orphaned_run(run_dir, "KILLED" if newest[0]["result"] == "killed" else "FAILED")
+        except TrackingUnavailable as e:  # a status query must still print; asked again next time
+            return [*notes, f"{e}; its status is checked again by the next --status"]
+        notes += [done] if done else []
+        update_job_file(run_dir, lambda data: data["attempts"][-1].update(mlflow_checked=True))
     return notes
 
 

@@ -652,7 +652,8 @@ def check_tracking(tracking: TrackingConfig, run_dir: Path) -> str:
 
 def end_orphaned_run(run_dir: Path, status: Status) -> str | None:
     """End the run dir's MLflow run with ``status`` if it still says RUNNING although its job is gone
-    (a SIGKILLed or cancelled rank 0 never ends it). Returns what was done, or None (nothing to do)."""
+    (a SIGKILLed or cancelled rank 0 never ends it). Returns what was done, or None (nothing to do);
+    raises TrackingUnavailable when the store cannot be asked."""
     state = read_tracking_state(run_dir)
     run_id, uri = state.get("run_id"), state.get("tracking_uri")
     if not run_id or not uri:
@@ -665,8 +666,8 @@ def end_orphaned_run(run_dir: Path, status: Status) -> str | None:
         if client.get_run(run_id).info.status != "RUNNING":
             return None
         client.set_terminated(run_id, status)
-    except Exception as e:  # a status query must still print when the store is away
-        return f"MLflow run {run_id} still says RUNNING; not marked {status} ({_reason(e)})"
+    except Exception as e:
+        raise TrackingUnavailable(f"MLflow run {run_id} not checked in {uri} ({_reason(e)})") from None
     return f"MLflow run {run_id} marked {status}: its job ended without ending it"
 
 

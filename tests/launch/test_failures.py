@@ -79,7 +79,7 @@ def _wait(cond: object, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_rank_0_sigkilled_the_next_status_marks_attempt_and_mlflow_run_killed(
     tmp_path: Path, synthetic_shards: Path, no_slurm_env: dict[str, str], mlflow_server
 ) -> None:
@@ -88,7 +88,7 @@ def test_rank_0_sigkilled_the_next_status_marks_attempt_and_mlflow_run_killed(
         synthetic_shards, run_dir, "train.steps=400", "train.log_every=1", "checkpoint.every_steps=0",
         f"tracking.uri={mlflow_server.url}", "tracking.system_metrics=false",
     )  # fmt: skip
-    out = run_launcher(args, env=no_slurm_env)
+    out = run_launcher(args, env=no_slurm_env, timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = submitted_job_id(out.stdout)
     metrics = run_dir / "metrics.jsonl"
@@ -101,7 +101,7 @@ def test_rank_0_sigkilled_the_next_status_marks_attempt_and_mlflow_run_killed(
 
     job = json.loads((run_dir / "job.json").read_text())
     assert "ended" not in job["attempts"][0]  # nobody closed it: the job is gone, job.json says running
-    status = run_launcher(["--status", str(run_dir)], env=no_slurm_env)
+    status = run_launcher(["--status", str(run_dir)], env=no_slurm_env, timeout=300)
     assert status.returncode == 0, status.stderr
     run = find_run(run_dir)
     assert f"reconciled: attempt restart=0 of job {job_id}: was 'running', is killed" in status.stdout
@@ -111,5 +111,5 @@ def test_rank_0_sigkilled_the_next_status_marks_attempt_and_mlflow_run_killed(
     assert run.status == "KILLED"
     job = json.loads((run_dir / "job.json").read_text())
     assert job["attempts"][0]["result"] == "killed" and "reconciled" in job["attempts"][0]
-    again = run_launcher(["--status", str(run_dir)], env=no_slurm_env)
+    again = run_launcher(["--status", str(run_dir)], env=no_slurm_env, timeout=300)
     assert "reconciled" not in again.stdout and "KILLED" in again.stdout  # once, then stable

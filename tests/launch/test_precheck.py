@@ -17,9 +17,9 @@ import pytest
 from pipeline.config import config_to_dict, load_config
 from pipeline.model import ViT
 from pipeline.tracking import find_run, metric_history
-from pipeline.tracking.server import free_port
+from pipeline.tracking.server import ServerSpec, free_port
 from pipeline.train.export import write_export
-from tests.fixtures.mlflow_server import MlflowTestServer, start_mlflow_server
+from tests.fixtures.mlflow_server import MlflowTestServer
 from tests.launch.conftest import REPO, run_launcher, smoke_args
 
 pytestmark = pytest.mark.timeout(180)
@@ -72,7 +72,10 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mlfl
     old = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
     os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"] = password
     try:
-        server = start_mlflow_server(tmp_path_factory.mktemp("auth_server"), auth=True)
+        # Started as start_mlflow_server does, with a longer wait: the auth app starts slowly under load.
+        spec = ServerSpec(root=tmp_path_factory.mktemp("auth_server"), host="127.0.0.1", port=free_port(), auth=True)
+        server = MlflowTestServer(spec)
+        server.start(wait_s=300)
     finally:
         if old is None:
             os.environ.pop("MLFLOW_AUTH_ADMIN_PASSWORD")
