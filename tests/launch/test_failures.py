@@ -8,13 +8,15 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.tracking import find_run
-from tests.launch.conftest import run_launcher, smoke_args, submitted_job_id
+from tests.launch.conftest import REPO, SUBMIT, run_launcher, smoke_args, submitted_job_id
 
 DATA_ERROR = "DataError: data: 40 of 48 samples read on rank 1 were skipped (83.33%), above data.max_skip_frac"
 
@@ -88,9 +90,15 @@ def test_rank_0_sigkilled_the_next_status_marks_attempt_and_mlflow_run_killed(
         synthetic_shards, run_dir, "train.steps=400", "train.log_every=1", "checkpoint.every_steps=0",
         f"tracking.uri={mlflow_server.url}", "tracking.system_metrics=false",
     )  # fmt: skip
-    out = run_launcher(args, env=no_slurm_env, timeout=400)
-    assert out.returncode == 0, out.stdout + out.stderr
-    job_id = submitted_job_id(out.stdout)
+    # Into a file, not a pipe: the local job inherits the launcher's output and outlives it.
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as f:
+        out = subprocess.run(
+            [sys.executable, str(SUBMIT), *args], cwd=REPO, env=no_slurm_env, stdout=f, stderr=subprocess.STDOUT,
+            timeout=400,
+        )  # fmt: skip
+    assert out.returncode == 0, log.read_text()
+    job_id = submitted_job_id(log.read_text())
     metrics = run_dir / "metrics.jsonl"
     _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 420, "5 logged steps")
     rank0 = _rank_pid(int(job_id), 0)

@@ -180,7 +180,8 @@ def test_a_run_whose_metrics_never_reached_the_server_does_not_end_as_a_plain_su
         assert _files_containing(tmp_path, secret) == []  # not in config.yaml, trainer_state.json, buffer, logs
 
     # With the right password the next start of the (complete) run delivers everything and succeeds.
-    right = train(2, args, env={"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}, timeout=600)
+    creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+    right = train(2, [*args, "tracking.timeout_s=30"], env=creds, timeout=600)  # patient on a loaded machine
     assert_ok(right)
     os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
     try:
