@@ -55,7 +55,8 @@ def test_server_killed_mid_run(mlflow_server, synthetic_shards: Path, tmp_path: 
     assert "exitcode  : 4" in log
 
     # The next start of this (complete) run replays the buffer into the same MLflow run.
-    again = train(2, overrides(synthetic_shards, run_dir, mlflow_server.url))
+    # Patient requests for the replay: a loaded machine can take over a second per batch request.
+    again = train(2, overrides(synthetic_shards, run_dir, mlflow_server.url, "tracking.timeout_s=30"))
     assert_ok(again)
     assert "already complete" in again.stdout
     run = find_run(run_dir)
