@@ -89,6 +89,29 @@ def check_resume(cfg: Config, run_dir: Path) -> str:
     return "".join([where, *(f"\n  resume: {line}" for line in plan.notes + plan.safe)])
 
 
+def check_finetune(cfg: Config) -> str:
+    """``finetune.init_from`` names weights that exist and fit ``model.*`` (nothing loaded yet)."""
+    if not cfg.finetune.enabled:
+        return "finetune: off (pretraining from random init)"
+    from pipeline.finetune import FinetuneError, check_source
+
+    try:
+        return check_source(cfg)
+    except FinetuneError as e:
+        raise Refused(str(e)) from None
+
+
+def check_tracking(cfg: Config, run_dir: Path) -> str:
+    """The tracking store answers one authenticated request now, not ~10 s into the job."""
+    from pipeline.config import ConfigError
+    from pipeline.tracking import TrackingUnavailable, check_tracking
+
+    try:
+        return check_tracking(cfg.tracking, run_dir)
+    except (ConfigError, TrackingUnavailable) as e:
+        raise Refused(str(e)) from None
+
+
 def check_no_active_job(run_dir: Path) -> str:
     """Refuse a second job on a run dir whose earlier job still runs: both would write its checkpoints."""
     data = read_job_file(run_dir)
@@ -106,7 +129,10 @@ def check_no_active_job(run_dir: Path) -> str:
                 f"local job {jid} (pid) still uses {run_dir}; wait for it, stop it (`kill {jid}`), or pass "
                 f"another --run-dir"
             )
-    return "run dir: no earlier job of it is active"
+    from launch import status  # the earlier jobs are all gone: close what they left open
+
+    notes = status.reconcile(run_dir, data, status.job_states(data)) if data else []
+    return "run dir: no earlier job of it is active" + "".join(f"; reconciled {n}" for n in notes)
 
 
 def _local_job_running(pid: int) -> bool:

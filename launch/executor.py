@@ -241,12 +241,24 @@ class RankJob:
         try:
             result = run(self.cfg, overrides=list(self.overrides))
         except BaseException as e:
+            # Every rank says what stopped it: rank 0 often only sees "Connection closed by peer".
+            host = env.hostnames[env.node] if env.node < len(env.hostnames) else env.hostname
+            error = f"{type(e).__name__}: {e}"
+            jobfile.record_failure(
+                run_dir, job_id=env.job_id, restart=restart, rank=env.global_rank, host=host, error=error
+            )
             if rank0:
-                jobfile.record_attempt_end(run_dir, job_id=env.job_id, result="failed", error=repr(e)[:500])
+                jobfile.record_attempt_end(run_dir, job_id=env.job_id, result="failed", error=error[:500])
             raise
         if rank0:
+            undelivered = {"undelivered": result.undelivered} if result.undelivered else {}
             jobfile.record_attempt_end(
-                run_dir, job_id=env.job_id, result=result.status, step=result.step, mlflow_run_id=result.run_id
+                run_dir,
+                job_id=env.job_id,
+                result=result.status,
+                step=result.step,
+                mlflow_run_id=result.run_id,
+                **undelivered,
             )
         if result.status == "preempted":
             _hand_over_to_submitit()

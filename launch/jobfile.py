@@ -9,7 +9,14 @@ under an exclusive ``flock`` and an atomic rename, so a reader never sees half a
                "folder": ".../submitit/7", "command": "python launch/submit.py ..."}],
      "attempts": [{"job_id": "7", "restart": 0, "hosts": ["node1", "node2"], "started": "...",
                    "ended": "...", "result": "preempted", "step": 17, "mlflow_run_id": "..."}],
+     "failures": [{"job_id": "7", "restart": 1, "rank": 1, "host": "node2", "time": 1764650000.12,
+                   "at": "...", "error": "DataError: ...", "secondary": false}],
      "requeues": 1}
+
+Every rank that stops with an exception adds a ``failures`` entry; an attempt's ``failure`` is the
+first one that is not merely a lost peer (see :func:`first_failure`). An attempt whose job is gone
+without a result (SIGKILL, OOM, ``scancel``) is closed by :func:`close_stale_attempts` (called by
+``--status`` and the launcher) with result "killed" or "failed".
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,6 +67,10 @@ def update_job_file(run_dir: str | Path, change: Callable[[dict[str, Any]], None
         data.setdefault("jobs", [])
         data.setdefault("attempts", [])
         change(data)
+        for attempt in data["attempts"]:
+            first = first_failure(data, attempt)
+            if first is not None:
+                attempt["failure"] = {k: first[k] for k in ("rank", "host", "at", "error")}
         # A requeue is every attempt of a job after its first.
         jobs_seen = {a["job_id"] for a in data["attempts"]}
         data["requeues"] = len(data["attempts"]) - len(jobs_seen)
@@ -96,3 +108,61 @@ def record_attempt_end(run_dir: str | Path, *, job_id: str, result: str, **field
                 return
 
     update_job_file(run_dir, change)
+
+
+# What a rank sees when another rank died first (gloo, NCCL, TCPStore): a consequence, not a cause.
+_PEER_LOST = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|remote process exited|"
+    r"NCCL communicator was aborted|DistNetworkError|failed to recv|Socket Timeout|ProcessGroupGloo.*Timed out",
+    re.IGNORECASE,
+)
+
+
+def is_peer_loss(error: str) -> bool:
+    """Whether an error text only says that another rank went away."""
+    return bool(_PEER_LOST.search(error))
+
+
+def record_failure(run_dir: str | Path, *, job_id: str, restart: int, rank: int, host: str, error: str) -> None:
+    """One rank's exception, with the wall-clock time so the first failing rank can be told."""
+    entry = {
+        "job_id": job_id,
+        "restart": restart,
+        "rank": rank,
+        "host": host,
+        "time": time.time(),
+        "at": _now(),
+        "error": error[:2000],
+        "secondary": is_peer_loss(error),
+    }
+    update_job_file(run_dir, lambda data: data.setdefault("failures", []).append(entry))
+
+
+def first_failure(data: dict[str, Any], attempt: dict[str, Any], *, secondary: bool = False) -> dict[str, Any] | None:
+    """The attempt's first failure that is not a lost peer (``secondary``: its first lost-peer report)."""
+    mine = [
+        f
+        for f in data.get("failures", [])
+        if f["job_id"] == attempt["job_id"] and f["restart"] == attempt.get("restart") and f["secondary"] == secondary
+    ]
+    return min(mine, key=lambda f: f["time"]) if mine else None
+
+
+def describe_failure(failure: dict[str, Any]) -> str:
+    """``rank 1 on node2 at <time>: DataError: ...`` (the first line of the error)."""
+    first_line = failure["error"].strip().splitlines()[0] if failure["error"].strip() else "?"
+    return f"rank {failure['rank']} on {failure['host']} at {failure['at']}: {first_line}"
+
+
+def close_stale_attempts(run_dir: str | Path, job_id: str, result: str, why: str) -> list[dict[str, Any]]:
+    """Close the open attempts of ``job_id`` (its job is gone) with ``result``; returns those closed."""
+    closed: list[dict[str, Any]] = []
+
+    def change(data: dict[str, Any]) -> None:
+        for attempt in data["attempts"]:
+            if attempt["job_id"] == job_id and "ended" not in attempt:
+                attempt.update(ended=_now(), result=result, reconciled=why)
+                closed.append(attempt)
+
+    update_job_file(run_dir, change)
+    return closed

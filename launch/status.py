@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from launch import cluster
-from launch.jobfile import JOB_FILE, read_job_file
+from launch.jobfile import (
+    JOB_FILE,
+    close_stale_attempts,
+    describe_failure,
+    first_failure,
+    read_job_file,
+    update_job_file,
+)
+
+FINAL = cluster.FINAL_STATES | {"KILLED"}
+# SLURM states in which a job was stopped from outside rather than failing by itself.
+_STOPPED = frozenset({"CANCELLED", "PREEMPTED", "TIMEOUT", "DEADLINE"})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -34,7 +45,7 @@ def _local_state(job: dict[str, Any], attempts: list[dict[str, Any]]) -> str:
         return "RUNNING"
     if not attempts:
         return "FAILED (no rank started)" if not _pid_alive(int(job["job_id"])) else "PENDING"
-    return {"completed": "COMPLETED", "preempted": "PREEMPTED", "failed": "FAILED"}.get(
+    return {"completed": "COMPLETED", "preempted": "PREEMPTED", "failed": "FAILED", "killed": "KILLED"}.get(
         attempts[-1].get("result", ""), "FAILED (ended without a result)"
     )
 
@@ -80,6 +91,63 @@ def _mlflow_run_id(run_dir: Path, data: dict[str, Any]) -> str:
     return ids[-1] if ids else "-"
 
 
+def is_final(state: str) -> bool:
+    return state.split()[0] in FINAL if state else False
+
+
+def reconcile(run_dir: Path, data: dict[str, Any], states: dict[str, str]) -> list[str]:
+    """Close the attempts whose job is gone without a result (rank 0 SIGKILLed, OOM, scancel) and end
+    the MLflow run they left RUNNING. Nothing is touched while any job of the run dir is still active
+    (a requeued attempt may be about to continue that MLflow run). Returns what was changed."""
+    if not states or not all(is_final(s) for s in states.values()):
+        return []
+    notes: list[str] = []
+    for job in data.get("jobs", []):
+        jid, state = job["job_id"], states[job["job_id"]]
+        stale = [a for a in data.get("attempts", []) if a["job_id"] == jid and "ended" not in a]
+        if not stale:
+            continue
+        own_error = any(first_failure(data, a) for a in stale)
+        stopped = state.split()[0] in _STOPPED or (job.get("executor") != "slurm" and not own_error)
+        result = "failed" if own_error or not stopped else "killed"
+        why = f"job {jid} is {state} but the attempt never recorded its end (noted by a later status check)"
+        for a in close_stale_attempts(run_dir, jid, result, why):
+            notes.append(f"attempt restart={a.get('restart')} of job {jid}: was 'running', is {result} ({state})")
+    newest = read_job_file(run_dir).get("attempts", [])[-1:]
+    if newest and newest[0].get("result") in ("failed", "killed") and not newest[0].get("mlflow_checked"):
+        from pipeline.tracking import TrackingUnavailable, end_orphaned_run
+
+        try:
+            done = end_orphaned_run(run_dir, "KILLED" if newest[0]["result"] == "killed" else "FAILED")
+        except TrackingUnavailable as e:  # a status query must still print; asked again next time
+            return [*notes, f"{e}; its status is checked again by the next --status"]
+        notes += [done] if done else []
+        update_job_file(run_dir, lambda data: data["attempts"][-1].update(mlflow_checked=True))
+    return notes
+
+
+def outcome_lines(data: dict[str, Any], attempt: dict[str, Any], run_dir: Path) -> list[str]:
+    """What really ended ``attempt``: the first failing rank's error, or that none reported one."""
+    lines = []
+    first = first_failure(data, attempt)
+    if first is not None:
+        lines.append(f"first failure: {describe_failure(first)}")
+    elif attempt.get("result") in ("failed", "killed"):
+        lines.append(
+            "no rank reported an error of its own: a rank was killed from outside (SIGKILL, out of memory, "
+            "scancel, a lost node); see the ranks' logs under " + str(run_dir / "submitit")
+        )
+        peer = first_failure(data, attempt, secondary=True)
+        if peer is not None:
+            lines.append(f"then lost its peer: {describe_failure(peer)}")
+    if attempt.get("undelivered"):
+        lines.append(
+            f"{attempt['undelivered']} tracking record(s) never reached the tracking store: they stay in "
+            f"{run_dir / 'tracking_buffer.jsonl'} and are replayed at the next start of this run"
+        )
+    return lines
+
+
 def summarise(run_dir: str | Path) -> str:
     """The --status text; raises FileNotFoundError when ``run_dir`` has no job.json."""
     run_dir = Path(run_dir)
@@ -89,11 +157,18 @@ def summarise(run_dir: str | Path) -> str:
             f"{run_dir / JOB_FILE} does not exist: {run_dir} is not a run directory launched by launch/submit.py"
         )
     states = job_states(data)
+    notes = reconcile(run_dir, data, states)
+    if notes:
+        data = read_job_file(run_dir)
+        states = job_states(data)
     lines = [f"run {data.get('name', '?')}: {run_dir}"]
+    lines += [f"  reconciled: {n}" for n in notes]
     for job in data["jobs"]:
         jid = job["job_id"]
         attempts = [a for a in data["attempts"] if a["job_id"] == jid]
         hosts = attempts[-1].get("hosts", []) if attempts else []
+        if attempts and attempts[-1].get("undelivered"):
+            states[jid] += " (metrics not all delivered to the tracking store)"
         lines.append(
             f"  job {jid} ({job.get('executor')}, {job.get('nodes')} node(s) x {job.get('tasks_per_node')} tasks): "
             f"{states[jid]}; submitted {job.get('submitted', '?')}; attempts {len(attempts)}"
@@ -104,11 +179,25 @@ def summarise(run_dir: str | Path) -> str:
             step = f" at step {a['step']}" if "step" in a else ""
             when = f"{a.get('started')} .. {a.get('ended', '')}"
             lines.append(f"    attempt restart={a.get('restart')}: {result}{step} ({when})")
+            lines += [f"      {line}" for line in outcome_lines(data, a, run_dir)]
     lines.append(f"  requeues: {data.get('requeues', 0)}")
     lines.append(f"  last checkpoint: {_last_checkpoint(run_dir)}")
     lines.append(f"  MLflow run id: {_mlflow_run_id(run_dir, data)}")
     lines.append(f"  logs: {run_dir / 'submitit'}")
     return "\n".join(lines)
+
+
+def final_report(run_dir: Path, job_id: str, state: str) -> tuple[list[str], bool]:
+    """After a followed job ended: reconcile, then what ended its newest attempt, and whether its
+    metrics all reached the tracking store."""
+    data = read_job_file(run_dir)
+    notes = reconcile(run_dir, data, job_states(data)) if data else []
+    data = read_job_file(run_dir) if notes else data
+    attempts = [a for a in data.get("attempts", []) if a["job_id"] == job_id]
+    if not attempts:
+        return notes + [f"job {job_id} ({state}) started no rank; see {run_dir / 'submitit'}"], True
+    newest = attempts[-1]
+    return notes + outcome_lines(data, newest, run_dir), not newest.get("undelivered")
 
 
 class _Tail:

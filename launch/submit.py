@@ -53,7 +53,8 @@ examples:
 
 Flags override the config's launch.* keys (and --run-dir train.run_dir); dotted overrides
 (section.key=value) override any key. Exit status: 0 submitted (with --follow: COMPLETED),
-1 refused before submission or the job did not complete, 2 bad config or arguments.
+1 refused before submission or the job did not complete, 2 bad config or arguments, 4 (with
+--follow) completed but some metrics never reached the tracking store (kept for replay).
 """
 
 
@@ -195,6 +196,8 @@ def run_checks(cfg: Config, kind: str) -> list[str]:
                 f"the local executor needs {need} GPUs ({cfg.launch.nodes} node(s) x {cfg.launch.gpus_per_node}) "
                 f"but this machine has {have}; lower --nodes/--gpus-per-node, or submit where SLURM is available"
             )
+    done.append(checks.check_finetune(cfg))
+    done.append(checks.check_tracking(cfg, run_dir))
     done.append(checks.check_data(cfg))
     done.append(checks.check_classes(cfg))
     return done
@@ -310,7 +313,12 @@ def _submit(cfg: Config, plan: LaunchPlan, args: argparse.Namespace, argv: list[
         print(f"\n[launch] stopped following; job {job.job_id} goes on (--status {cfg.train.run_dir})")
         return 130
     print(f"[launch] job {job.job_id} ended: {final}")
-    return 0 if final == "COMPLETED" else 1
+    lines, delivered = status.final_report(Path(cfg.train.run_dir), job.job_id, final)
+    for line in lines:
+        print(f"[launch] {line}")
+    if final != "COMPLETED":
+        return 1
+    return 0 if delivered else 4
 
 
 def _sbatch_hint(message: str) -> str:

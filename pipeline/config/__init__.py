@@ -21,6 +21,9 @@ from pipeline.config.schema import (
     OptimConfig,
     TrackingConfig,
     TrainConfig,
+    redact_text,
+    redact_uri,
+    refuse_uri_credentials,
 )
 
 __all__ = [
@@ -41,5 +44,8 @@ __all__ = [
     "dump_config",
     "flatten",
     "load_config",
+    "redact_text",
+    "redact_uri",
+    "refuse_uri_credentials",
     "save_config",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from pipeline.config.schema import Config, ConfigError
+from pipeline.config.schema import Config, ConfigError, redact_text
 from pipeline.model.presets import PRESET_NAMES, preset_kwargs
 
 _MISSING = object()
@@ -241,7 +241,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     overrides = list(overrides)
     origins = apply_overrides(tree, overrides)
     if overrides:
-        source += f" with overrides {' '.join(overrides)}"
+        source += f" with overrides {redact_text(' '.join(overrides))}"
     _expand_preset(tree, source)
     return _build(Config, tree, "", source, origins)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -253,6 +254,42 @@ class TrackingConfig:
         _require(self.timeout_s > 0, "tracking.timeout_s must be > 0")
         _require(self.max_retries >= 0, "tracking.max_retries must be >= 0")
         _require(self.retry_s > 0, f"tracking.retry_s must be > 0 (seconds between checks), got {self.retry_s}")
+        refuse_uri_credentials(self.uri, "tracking.uri")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (for messages and files)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+_URL_PASSWORD = re.compile(r"(\w+://[^/\s:@]*):[^@/\s]*@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def refuse_uri_credentials(uri: str, source: str) -> None:
+    """Credentials inside a tracking URI would be written wherever the URI is (job.json, config.yaml,
+    tracking.json, checkpoints, logs): refuse them and point to the variables MLflow reads instead."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return  # not a URL at all: the tracker names the scheme problem
+    if "@" not in parts.netloc or parts.scheme not in ("http", "https"):
+        return
+    user = parts.username or "USER"
+    raise ConfigError(
+        f"{source}={redact_uri(uri)!r} has credentials in it, which would be written in plain text to job.json, "
+        f"config.yaml, tracking.json, the checkpoints and the logs; remove them from the URI "
+        f"({parts.scheme}://{parts.netloc.rpartition('@')[2]}) and export MLFLOW_TRACKING_USERNAME={user} and "
+        f"MLFLOW_TRACKING_PASSWORD=... in the environment of the launcher and the job instead"
+    )
 
 
 @dataclass

@@ -77,6 +77,30 @@ def load_source(path: str | Path) -> Source:
     return Source("state_dict", path, _read_state_dict(path))
 
 
+def check_source(cfg: Config) -> str:
+    """Before a job is queued: ``finetune.init_from`` exists and records the architecture of
+    ``cfg.model`` (read from the checkpoint's commit marker or the export's metadata; no weights
+    are loaded). Raises FinetuneError naming the fix; returns a one-line summary."""
+    path = Path(cfg.finetune.init_from)
+    if not path.exists():
+        load_source(path)  # raises the "does not exist" error
+    if path.is_dir() and ((path / WEIGHTS).exists() or (path / "export" / WEIGHTS).exists()) and not _has_ckpt(path):
+        out_dir = path if (path / WEIGHTS).exists() else path / "export"
+        meta = json.loads((out_dir / META).read_text()) if (out_dir / META).exists() else {}
+        source = Source("export", out_dir, {}, meta.get("model"), step=meta.get("step"))
+    elif path.is_dir():
+        try:
+            info = ckpt.resolve_checkpoint(path)
+        except ckpt.CheckpointError as e:
+            raise FinetuneError(f"finetune.init_from: {e}") from None
+        source = Source("checkpoint", info.path, {}, info.marker.get("model"), step=info.step)
+    else:
+        return f"finetune: init from {path} (a state-dict file: shapes are checked when it loads)"
+    check_architecture(source, cfg)
+    at = f" (step {source.step})" if source.step is not None else ""
+    return f"finetune: init from {source.path}{at}, same backbone architecture as model.*"
+
+
 def _has_ckpt(path: Path) -> bool:
     return (path / ckpt.MARKER).exists() or ckpt.checkpoints_dir(path).is_dir()
 

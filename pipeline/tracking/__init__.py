@@ -33,6 +33,7 @@ from pipeline.tracking.naming import (
 from pipeline.tracking.read import (
     RunSummary,
     compare_rows,
+    counted_history,
     experiment_runs,
     find_run,
     format_table,
@@ -42,7 +43,13 @@ from pipeline.tracking.read import (
     run_summary,
 )
 from pipeline.tracking.server import SERVER_URL_FILE, read_server_url
-from pipeline.tracking.tracker import Tracker, open_tracker
+from pipeline.tracking.tracker import (
+    Tracker,
+    TrackingUnavailable,
+    check_tracking,
+    end_orphaned_run,
+    open_tracker,
+)
 
 __all__ = [
     "HEADLINE_METRICS",
@@ -54,7 +61,11 @@ __all__ = [
     "SERVER_URL_FILE",
     "RunSummary",
     "Tracker",
+    "TrackingUnavailable",
+    "check_tracking",
+    "end_orphaned_run",
     "compare_rows",
+    "counted_history",
     "default_tracking_uri",
     "experiment_for",
     "experiment_runs",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -82,6 +83,23 @@ def probe(uri: str, timeout_s: float) -> bool:
             return resp.status == 200
     except (OSError, urllib.error.URLError, ValueError):
         return False
+
+
+def check_access(uri: str) -> tuple[int, str]:
+    """One authenticated read through MLflow's client: ``(0, "")`` when it succeeds, else the HTTP
+    status (401, 403, ...) or -1 when nothing answered, with the gist of the error."""
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        text = str(e)
+        found = re.search(r"Connection refused|timed out|Name or service not known|No route to host", text)
+        if found or status == 500 and "Max retries exceeded" in text:
+            return -1, found.group(0) if found else "no answer"
+        return status, text.splitlines()[0][:200]
+    except OSError as e:
+        return -1, str(e)[:200]
+    return 0, ""
 
 
 def classify(exc: BaseException) -> Exception:

@@ -152,6 +152,19 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+def counted_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """One ``(step, value)`` per step: the value logged last for it. After a rollback or a resume past a
+    killed attempt the run holds superseded points too (tagged ``rollback.*``); this is the rule that
+    picks the value that counts, the one of the trajectory training continued on."""
+    from mlflow import MlflowClient
+
+    last: dict[int, tuple[int, float]] = {}
+    for m in MlflowClient(uri).get_metric_history(run_id, key):
+        if m.step not in last or m.timestamp >= last[m.step][0]:
+            last[m.step] = (m.timestamp, m.value)
+    return sorted((step, value) for step, (_, value) in last.items())
+
+
 def list_artifacts(uri: str, run_id: str) -> list[str]:
     """The run's artifact files (paths relative to its artifact root)."""
     from mlflow import MlflowClient

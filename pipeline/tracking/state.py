@@ -4,7 +4,11 @@
   key, so a requeue finds its run even before the first checkpoint and drops repeated steps.
 - ``tracking_buffer.jsonl``: records the store has not confirmed yet (server down or hanging);
   replayed in order when it answers again, or by the next tracker of this run.
-- ``tracking_history.jsonl``: every metric record logged, for the loss/accuracy plot.
+- ``tracking_wal.jsonl``: the write-ahead log. Every record the writer accepts is appended here,
+  numbered (``seq``), by the caller before it is queued; ``tracking.json``'s ``wal_settled`` is the
+  highest ``seq`` up to which every record was delivered, refused or moved to the buffer file. A
+  kill loses nothing: the next tracker of the run moves the unsettled tail into the buffer. It is
+  also the run's history for the loss/accuracy plot.
 - ``tracking.lock``: the writer's lease, so two jobs never write into one run.
 
 No mlflow import here: these are plain files.
@@ -26,7 +30,7 @@ from pipeline.tracking.naming import TRACKING_STATE_FILE, read_tracking_state
 log = logging.getLogger(__name__)
 
 BUFFER_FILE = "tracking_buffer.jsonl"
-HISTORY_FILE = "tracking_history.jsonl"
+WAL_FILE = "tracking_wal.jsonl"
 LOCK_FILE = "tracking.lock"
 LEASE_STALE_S = 60.0  # a writer that has not renewed its lease for this long is gone
 
@@ -102,6 +106,56 @@ class JsonlFile:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(rest))
             os.replace(tmp, self.path)
+
+
+class WriteAheadLog:
+    """Append-only, numbered records; each append is flushed to the OS at once (a killed process
+    loses nothing) and fsynced by :meth:`sync` (the tracker's thread calls it about once a second, so
+    a crash of the machine itself loses at most that second; an fsync per metric would cost ~ms)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.records = self._read_and_repair()
+        self.next_seq = max((int(r.get("seq", 0)) for r in self.records), default=0) + 1
+        self._f = open(path, "a")  # noqa: SIM115 - held for the tracker's lifetime, closed by close()
+
+    def _read_and_repair(self) -> list[Record]:
+        """The complete records; a torn last line (a kill mid-append) is cut off, so the next
+        append does not glue onto it."""
+        if not self.path.is_file():
+            return []
+        raw = self.path.read_bytes()
+        end = raw.rfind(b"\n") + 1
+        if end < len(raw):
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        out = []
+        for i, line in enumerate(raw[:end].splitlines()):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                log.warning("%s: skipping unreadable line %d", self.path, i + 1)
+        return out
+
+    def append(self, record: Record) -> None:
+        with self._lock:
+            record["seq"] = self.next_seq
+            self.next_seq += 1
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def sync(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
 
 
 def last_steps(records: list[Record]) -> dict[str, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import re
 import threading
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config.schema import ConfigError, TrackingConfig
+from pipeline.config.schema import ConfigError, TrackingConfig, refuse_uri_credentials
 from pipeline.tracking import state as st
 from pipeline.tracking.naming import default_tracking_uri, is_remote, read_tracking_state
 
@@ -63,6 +64,15 @@ class Tracker:
 
     def log_history_plot(self) -> None:
         """Render the loss/accuracy PNG from every metric logged so far and upload it."""
+
+    def rolled_back(self, to_step: int, from_step: int | None = None) -> None:
+        """Training goes on from the checkpoint of ``to_step`` (a rollback from ``from_step``, or a resume
+        after a kill): the points logged for later steps are superseded by the ones logged next."""
+
+    @property
+    def undelivered(self) -> int:
+        """After close(): how many records never reached the store (they stay in the buffer file)."""
+        return 0
 
     def close(self, status: Status = "FINISHED", timeout_s: float = 30.0) -> None:
         """Flush within ``timeout_s``, end the run with ``status``; what is left stays buffered."""
@@ -138,16 +148,17 @@ class WriterTracker(Tracker):
         self._lease = st.RunDirLease(run_dir)
         self._lease.acquire()
         self._buffer = st.JsonlFile(run_dir / st.BUFFER_FILE)
-        self._history = st.JsonlFile(run_dir / st.HISTORY_FILE)
+        self._wal = st.WriteAheadLog(run_dir / st.WAL_FILE)
         self._run_id = self._known_run_id(run_id)
+        state = read_tracking_state(run_dir)
+        self._settled = self._recover_unsettled(int(state.get("wal_settled", 0)))
         # Steps recorded before this open are not logged again: those the buffer holds (they go to
         # whichever run this tracker writes) and, when continuing the same run, those of its notes.
-        state = read_tracking_state(run_dir)
         self._buffered_steps = st.last_steps(self._buffer.read())
         noted = state.get("last_steps", {}) if self._run_id and state.get("run_id") == self._run_id else {}
         self._floors = st.merge_steps(noted, self._buffered_steps)
         self._steps = dict(self._floors)  # highest step per key, updated by the worker
-        self._past = self._history.read()  # earlier incarnations, for the plot
+        self._past = [r for r in self._wal.records if r["t"] == "m"]  # earlier incarnations, for the plot
         self._logged: list[dict[str, Any]] = []  # this incarnation's metric records, for the plot
         self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -155,6 +166,8 @@ class WriterTracker(Tracker):
         self._known_params: dict[str, str] = {}
         self._experiment_id = ""
         self._down = self._warned = self._abandoned = self._closed = False
+        self._undelivered = 0
+        self._cap: int | None = None  # set by rolled_back(): no floor above the checkpoint's step
         self._last_try = self._last_save = self._last_renew = 0.0
         self._ready = threading.Event()
         self._wake = threading.Event()  # set by close(): stop gathering, deliver now
@@ -166,6 +179,24 @@ class WriterTracker(Tracker):
         if not self._ready.wait(tracking.timeout_s if is_remote(uri) else LOCAL_OPEN_WAIT_S):
             self._warn_once(f"{uri} did not answer within {tracking.timeout_s:.0f} s at start")
         atexit.register(self._at_exit)
+
+    def _recover_unsettled(self, settled: int) -> int:
+        """Records an earlier tracker of this run accepted but never settled (it was killed with them
+        in its queue) go into the buffer, ahead of anything new; returns the new settled ``seq``."""
+        in_buffer = {r.get("seq") for r in self._buffer.read()}
+        lost = [r for r in self._wal.records if int(r.get("seq", 0)) > settled and r.get("seq") not in in_buffer]
+        if lost:
+            log.warning(
+                "tracking: %d record(s) of an earlier start of this run were never delivered (it was killed); "
+                "replaying them from %s",
+                len(lost),
+                self._wal.path,
+            )
+            self._buffer.append(lost)
+        now = self._wal.next_seq - 1
+        if now != settled:
+            st.save_tracking_state(self._run_dir, wal_settled=now)
+        return now
 
     def _known_run_id(self, run_id: str | None) -> str | None:
         state = read_tracking_state(self._run_dir)
@@ -206,19 +237,42 @@ class WriterTracker(Tracker):
         if values:
             record = {"t": "m", "step": int(step), "ts": int(time.time() * 1000), "v": values}
             self._logged.append(record)
-            self._queue.put(record)
+            self._accept(record)
 
     def log_params(self, params: dict[str, object]) -> None:
         if params and not self._closed:
-            self._queue.put({"t": "p", "v": {k: _param_str(v) for k, v in params.items()}})
+            self._accept({"t": "p", "v": {k: _param_str(v) for k, v in params.items()}})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if tags and not self._closed:
-            self._queue.put({"t": "g", "v": {k: str(v) for k, v in tags.items()}})
+            self._accept({"t": "g", "v": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self._closed:
-            self._queue.put({"t": "a", "path": str(Path(path).resolve()), "dir": artifact_path})
+            self._accept({"t": "a", "path": str(Path(path).resolve()), "dir": artifact_path})
+
+    def rolled_back(self, to_step: int, from_step: int | None = None) -> None:
+        if self._closed:
+            return
+        above = max([*self._floors.values(), *st.last_steps(self._logged).values()], default=-1)
+        self._cap = to_step if self._cap is None else min(self._cap, to_step)
+        self._floors = {k: min(v, to_step) for k, v in self._floors.items()}
+        if max(above, from_step or -1) <= to_step:
+            return  # nothing recorded past the checkpoint: nothing superseded
+        # The re-run steps are the trajectory training continues on: they are logged again (MLflow
+        # cannot delete the superseded points), and the tag says which values count.
+        when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        last = max(above, from_step or -1)
+        self.set_tags({
+            f"rollback.step{to_step}.{int(time.time())}": f"steps {to_step + 1}-{last} re-run from the checkpoint "
+            f"of step {to_step} at {when}; for these steps the values logged after that time count, the earlier "
+            f"ones are superseded"
+        })  # fmt: skip
+
+    def _accept(self, record: dict[str, Any]) -> None:
+        """Write-ahead: on disk (the OS's page cache) before it is queued, so a kill cannot lose it."""
+        self._wal.append(record)
+        self._queue.put(record)
 
     def log_history_plot(self) -> None:
         from pipeline.tracking.plots import render_history_plot
@@ -241,7 +295,7 @@ class WriterTracker(Tracker):
         atexit.unregister(self._at_exit)
         if self._sysmetrics is not None:
             self._sysmetrics.stop(timeout_s=min(5.0, max(0.0, deadline - time.monotonic())))
-        self._queue.put({"t": "end", "status": status, "ts": int(time.time() * 1000)})
+        self._accept({"t": "end", "status": status, "ts": int(time.time() * 1000)})
         self._queue.put(_STOP)
         self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
@@ -256,7 +310,21 @@ class WriterTracker(Tracker):
                 self._buffer.path,
             )
         self._save_state(force=True)
+        self._wal.close()
         self._lease.release()
+        self._undelivered = len(self._buffer.read())
+        if self._undelivered:
+            log.error(
+                "tracking: %d record(s) never reached %s; they stay in %s and are replayed at the next start of "
+                "this run (run the same command again once the store answers)",
+                self._undelivered,
+                self._uri,
+                self._buffer.path,
+            )
+
+    @property
+    def undelivered(self) -> int:
+        return self._undelivered
 
     def _at_exit(self) -> None:
         """The interpreter exits without close() (an exception ended training): end the run as FAILED,
@@ -277,7 +345,7 @@ class WriterTracker(Tracker):
             if r is not _STOP:
                 queued.append(r)
         self._buffer.append(pending + queued)
-        self._history.append([r for r in queued if r["t"] == "m"])
+        self._settle(pending + queued)
         self._steps = st.merge_steps(self._steps, st.last_steps(queued))
         return len(pending) + len(queued)
 
@@ -337,11 +405,15 @@ class WriterTracker(Tracker):
             self._experiment_id = resumed.experiment_id
             self._known_params = resumed.params
             self._floors = st.merge_steps(self._floors, resumed.last_steps)
+            if self._cap is not None:  # rolled_back() came first: the store's later steps are superseded
+                self._floors = {k: min(v, self._cap) for k, v in self._floors.items()}
             self._steps = st.merge_steps(self._steps, resumed.last_steps)
             self._queue.put({"t": "g", "v": self._tags})  # e.g. the new requeue count
             log.info("tracking: resumed run %s in %s", self._run_id, self._uri)
         else:
             self._floors = dict(self._buffered_steps)  # a new run: only what the buffer holds is recorded
+            if self._cap is not None:
+                self._floors = {k: min(v, self._cap) for k, v in self._floors.items()}
             self._experiment_id = self._store.experiment_id(self._experiment)
             self._run_id = self._store.create_run(self._experiment_id, self._run_name, self._tags)
             log.info("tracking: run %s (%s) in %s", self._run_id, self._run_name, self._uri)
@@ -365,7 +437,6 @@ class WriterTracker(Tracker):
         if not records:
             return
         metrics = [r for r in records if r["t"] == "m"]
-        self._history.append(metrics)
         self._steps = st.merge_steps(self._steps, st.last_steps(metrics))
         with self._lock:
             if self._abandoned:
@@ -377,6 +448,12 @@ class WriterTracker(Tracker):
             self._send(records)
         with self._lock:
             self._inflight = []
+            if not self._abandoned:  # else _abandon() settles what it moved to the buffer
+                self._settle(records)
+
+    def _settle(self, records: list[dict[str, Any]]) -> None:
+        """Records delivered, refused or in the buffer file: the WAL need not replay them."""
+        self._settled = max([self._settled, *(int(r.get("seq", 0)) for r in records)])
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         from pipeline.tracking.backend import Rejected, plan_requests
@@ -490,12 +567,17 @@ class WriterTracker(Tracker):
 
     def _save_state(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self._run_id is None or (not force and now - self._last_save < STATE_SAVE_EVERY_S):
+        if not force and now - self._last_save < STATE_SAVE_EVERY_S:
             return
         self._last_save = now
         try:
-            st.save_tracking_state(self._run_dir, last_steps=dict(self._steps))
-        except OSError as e:
+            # Durable first, then marked settled: a crash between the two replays, never loses.
+            self._wal.sync()
+            fields: dict[str, Any] = {"wal_settled": self._settled}
+            if self._run_id is not None:
+                fields["last_steps"] = dict(self._steps)
+            st.save_tracking_state(self._run_dir, **fields)
+        except (OSError, ValueError) as e:
             log.debug("tracking.json not written: %s", e)
 
 
@@ -529,10 +611,71 @@ class NodeTracker(Tracker):
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 
 
+class TrackingUnavailable(RuntimeError):
+    """The configured tracking store refuses this user or does not answer; the message says the fix."""
+
+
+def check_tracking(tracking: TrackingConfig, run_dir: Path) -> str:
+    """Before a job is queued: the tracking URI is usable, and a server answers one authenticated
+    request (MLflow's own client, so MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN apply as in the job).
+
+    Returns a one-line summary; raises ConfigError (bad URI) or TrackingUnavailable.
+    """
+    if not tracking.enabled:
+        return "tracking: off (tracking.enabled=false)"
+    uri = default_tracking_uri(tracking, run_dir)
+    _check_uri(uri, tracking)
+    if not is_remote(uri):
+        return f"tracking: local store {uri}"
+    from pipeline.tracking import backend
+
+    backend.configure_http(tracking.timeout_s, 0)
+    status, why = backend.check_access(uri)
+    if status == 0:
+        return f"tracking: {uri} answers and accepts these credentials"
+    if status == 401:
+        raise TrackingUnavailable(
+            f"the tracking server {uri} refused the credentials (HTTP 401): export the right "
+            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it "
+            f"(now: user {os.environ.get('MLFLOW_TRACKING_USERNAME') or 'not set'})"
+        )
+    if status == 403:
+        raise TrackingUnavailable(
+            f"the tracking server {uri} denies user {os.environ.get('MLFLOW_TRACKING_USERNAME') or '-'} access "
+            f"(HTTP 403): ask its admin for permission, or use another MLFLOW_TRACKING_USERNAME"
+        )
+    raise TrackingUnavailable(
+        f"the tracking server {uri} does not answer ({why}): start it (python launch/mlflow_server.py start), "
+        f"fix tracking.uri / MLFLOW_TRACKING_URI, or turn tracking off (tracking.enabled=false)"
+    )
+
+
+def end_orphaned_run(run_dir: Path, status: Status) -> str | None:
+    """End the run dir's MLflow run with ``status`` if it still says RUNNING although its job is gone
+    (a SIGKILLed or cancelled rank 0 never ends it). Returns what was done, or None (nothing to do);
+    raises TrackingUnavailable when the store cannot be asked."""
+    state = read_tracking_state(run_dir)
+    run_id, uri = state.get("run_id"), state.get("tracking_uri")
+    if not run_id or not uri:
+        return None
+    from pipeline.tracking import backend
+
+    backend.configure_http(5.0, 0, keep_existing=True)
+    try:
+        client = backend.Store(uri).client
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        client.set_terminated(run_id, status)
+    except Exception as e:
+        raise TrackingUnavailable(f"MLflow run {run_id} not checked in {uri} ({_reason(e)})") from None
+    return f"MLflow run {run_id} marked {status}: its job ended without ending it"
+
+
 def _check_uri(uri: str, tracking: TrackingConfig) -> None:
+    source = "tracking.uri" if tracking.uri else "MLFLOW_TRACKING_URI"
+    refuse_uri_credentials(uri, source)
     scheme = uri.partition("://")[0].partition("+")[0] if "://" in uri else ""
     if scheme not in _SCHEMES:
-        source = "tracking.uri" if tracking.uri else "MLFLOW_TRACKING_URI"
         raise ConfigError(
             f"{source}={uri!r} is not a tracking URI MLflow can use; give http://host:port (a server), "
             f"sqlite:////abs/path/mlflow.db (a local store) or a database URI ({', '.join(_SCHEMES)})"

@@ -15,7 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.train",
         description="Train a ViT with DeepSpeed ZeRO on WebDataset shards (one process per rank).",
-        epilog="Example: torchrun --nproc_per_node 2 -m pipeline.train --config configs/smoke.yaml train.steps=50",
+        epilog="Example: torchrun --nproc_per_node 2 -m pipeline.train --config configs/smoke.yaml train.steps=50\n"
+        "Exit status: 0 completed, 2 bad config, 3 stopped for requeue, 4 completed but some metrics never "
+        "reached the tracking store (kept in <run_dir>/tracking_buffer.jsonl, replayed at the next start).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config (default: the embedded local defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.zero_stage=3")
@@ -28,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train import run
 
     result = run(cfg, overrides=args.overrides)
-    return 0 if result.status == "completed" else 3
+    if result.status != "completed":
+        return 3
+    return 4 if result.undelivered else 0  # trained, but the tracking store never got everything
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.data import soft_target_cross_entropy
+from pipeline.data import DataError, soft_target_cross_entropy
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
@@ -34,6 +34,9 @@ METRICS_FILE = "metrics.jsonl"
 # Test hook: optimizer step numbers (1-based, as logged) whose loss is made NaN on rank 0.
 NONFINITE_ENV = "PIPELINE_INJECT_NONFINITE"
 _SEED_MASK, _TAG_FORWARD = (1 << 63) - 1, 0xD409
+# Test hook, "RANK@STEP": that rank raises the loader's DataError before that step (1-based), as a
+# damaged shard only it reads would; the other ranks then lose their peer in the next collective.
+DATA_ERROR_ENV = "PIPELINE_INJECT_DATA_ERROR"
 
 
 class NonFiniteError(RuntimeError):
@@ -47,6 +50,7 @@ class TrainResult:
     samples_seen: int
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
+    undelivered: int = 0  # tracking records that never reached the store (rank 0; kept for replay)
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Progress:
     window: Window = field(default_factory=Window)
     last_metrics: dict[str, float] = field(default_factory=dict)
     ckpt_bytes: int = 0  # one checkpoint's size: the last one written, or an estimate before it
+    logged: dict[str, int] = field(default_factory=dict)  # highest step per key in metrics.jsonl (rank 0)
 
 
 def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
@@ -75,15 +80,18 @@ def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainRes
     try:
         result = _train(r)
         status = "FINISHED" if result.status == "completed" else "KILLED"
-        return result
     finally:
         preemption.uninstall()
         finish_run(r, status)
+    result.undelivered = r.tracker.undelivered
+    return result
 
 
 def _train(r: Run) -> TrainResult:
     p = Progress(last_saved_step=r.state["step"] if r.resumed else -1, ckpt_bytes=_checkpoint_bytes(r))
     _warn_space(r, p)
+    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1, logged=_logged_steps(r))
+    _supersede(r, p, to_step=r.state["step"], from_step=None)  # steps a killed attempt ran past its checkpoint
     data = iter(r.train_loader)
     total = r.schedule.total_samples
     log.info(
@@ -131,6 +139,7 @@ def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
     engine, wait = r.engine, 0.0
     loss_sum = torch.zeros((), dtype=torch.float64)
     inject = _inject_nonfinite(r)
+    _inject_data_error(r)
     for micro in range(r.plan.grad_accum):
         t0 = time.perf_counter()
         images, labels = next(data)
@@ -176,6 +185,15 @@ def _inject_nonfinite(r: Run) -> bool:
     return r.env.rank == 0 and (r.state["step"] + 1) in steps
 
 
+def _inject_data_error(r: Run) -> None:
+    rank, _, step = os.environ.get(DATA_ERROR_ENV, "").partition("@")
+    if rank.isdigit() and step.isdigit() and int(rank) == r.env.rank and r.state["step"] + 1 == int(step):
+        raise DataError(
+            f"data: 40 of 48 samples read on rank {r.env.rank} were skipped (83.33%), above data.max_skip_frac "
+            f"(injected by {DATA_ERROR_ENV} at step {step}); worst shards: train-000003.tar (40)"
+        )
+
+
 def _on_skipped(r: Run, p: Progress) -> bool:
     """Count a skipped step; after K in a row, roll back once (True), then stop with the step range."""
     r.state["skipped_steps"] += 1
@@ -202,6 +220,7 @@ def _on_skipped(r: Run, p: Progress) -> bool:
     for key in ("step", "samples_seen", "skipped_steps"):
         r.state[key] = saved[key]
     r.state["skipped_steps"] += p.consecutive_skips  # the skipped steps still happened
+    _supersede(r, p, to_step=saved["step"], from_step=p.first_skip_step + p.consecutive_skips - 1)
     p.rollbacks += 1
     p.consecutive_skips = 0
     return True
@@ -238,12 +257,53 @@ def _log_step(r: Run, p: Progress) -> None:
 
 
 def _record(r: Run, p: Progress, metrics: dict[str, float]) -> None:
-    """To MLflow, and to <run_dir>/metrics.jsonl: a plain record that needs no server to read."""
-    r.tracker.log_metrics(metrics, step=r.state["step"])
+    """To MLflow, and to <run_dir>/metrics.jsonl: a plain record that needs no server to read.
+
+    One value per key and step in metrics.jsonl (README, "Metrics: one value per step"): the lines of
+    steps that training went back over were removed by ``_supersede``."""
+    step = r.state["step"]
+    r.tracker.log_metrics(metrics, step=step)
     p.last_metrics.update(metrics)
-    if r.env.rank == 0:
+    # A key already recorded at this step (an evaluation repeated by the start of a complete run) is
+    # the same trajectory: not written twice.
+    fresh = {k: v for k, v in metrics.items() if step > p.logged.get(k, -1)}
+    if r.env.rank == 0 and fresh:
+        p.logged.update(dict.fromkeys(fresh, step))
         with open(r.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps({"step": r.state["step"], "time": time.time(), **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "time": time.time(), **fresh}) + "\n")
+
+
+def _read_metrics_file(r: Run) -> list[dict]:
+    path = r.run_dir / METRICS_FILE
+    if r.env.rank != 0 or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+    return out
+
+
+def _logged_steps(r: Run) -> dict[str, int]:
+    logged: dict[str, int] = {}
+    for record in _read_metrics_file(r):
+        for key in record:
+            if key not in ("step", "time"):
+                logged[key] = max(logged.get(key, -1), int(record["step"]))
+    return logged
+
+
+def _supersede(r: Run, p: Progress, *, to_step: int, from_step: int | None) -> None:
+    """Training goes on from the checkpoint of ``to_step`` (a rollback, or a resume after a kill): the
+    lines of later steps leave metrics.jsonl (their re-run replaces them), and the tracker marks the
+    superseded MLflow points (MLflow cannot delete them)."""
+    if r.env.rank == 0 and max(p.logged.values(), default=-1) > to_step:
+        kept = [rec for rec in _read_metrics_file(r) if int(rec["step"]) <= to_step]
+        ckpt.atomic_write(r.run_dir / METRICS_FILE, "".join(json.dumps(rec) + "\n" for rec in kept))
+        p.logged = {k: min(v, to_step) for k, v in p.logged.items()}
+    r.tracker.rolled_back(to_step, from_step)
 
 
 def _sum_counters(counters: dict[str, int]) -> dict[str, int]:
