@@ -88,9 +88,10 @@ def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainRes
 
 
 def _train(r: Run) -> TrainResult:
-    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1, ckpt_bytes=_checkpoint_bytes(r))
+    p = Progress(
+        last_saved_step=r.state["step"] if r.resumed else -1, ckpt_bytes=_checkpoint_bytes(r), logged=_logged_steps(r)
+    )
     _warn_space(r, p)
-    p = Progress(last_saved_step=r.state["step"] if r.resumed else -1, logged=_logged_steps(r))
     _supersede(r, p, to_step=r.state["step"], from_step=None)  # steps a killed attempt ran past its checkpoint
     data = iter(r.train_loader)
     total = r.schedule.total_samples
