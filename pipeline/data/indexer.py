@@ -16,14 +16,17 @@ on a shared file system), while size + tar-header checks at preflight already ca
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import mmap
 import multiprocessing as mp
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from braceexpand import braceexpand
@@ -68,14 +71,24 @@ def scan_shard(path: str, label: LabelSpec, sha256: bool = False) -> ShardScan:
     scan = ShardScan(path)
     try:
         scan.bytes = os.path.getsize(path)
-        with open(path, "rb") as f:
-            _walk(f, scan, label)
+        with open(path, "rb") as f, _mapped(f, scan.bytes) as view:
+            _walk(view, scan, label)
         if sha256 and scan.error is None:
             with open(path, "rb") as f:
                 scan.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         scan.error = f"cannot read it ({e.strerror or e})"
     return scan
+
+
+@contextlib.contextmanager
+def _mapped(f: BinaryIO, size: int) -> Iterator[BinaryIO]:
+    """The shard as a memory map: its seek/read are C calls, not system calls (2-3 per header otherwise)."""
+    if size == 0:  # mmap refuses empty files; the walk reports them
+        yield f
+        return
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        yield view  # type: ignore[misc]
 
 
 def _walk(f, scan: ShardScan, label: LabelSpec) -> None:
