@@ -32,6 +32,7 @@ from pipeline.train import engine as ds
 from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 from pipeline.train.dist_env import DistEnv
 from pipeline.train.metrics import device_peak_tflops
+from pipeline.train.placement import plan_cpus
 from pipeline.train.recipe import Schedule, make_schedule, param_groups
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,10 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     if device == "cuda":
         torch.cuda.set_device(env.local_rank)
     else:
-        torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
+        # Every rank says it (not only rank 0): a wrong split shows on the rank that has it.
+        cpus = plan_cpus(env, num_workers=cfg.data.num_workers, cpu_threads=cfg.train.cpu_threads)
+        torch.set_num_threads(cpus.torch_threads)
+        print(cpus.describe(env), flush=True)
     ds.init_distributed(device)
     plan = cfg.batch_plan(env.world_size)
     run_dir = Path(cfg.train.run_dir).absolute()
