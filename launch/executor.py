@@ -268,15 +268,16 @@ class RankJob:
             if rank0:
                 jobfile.record_attempt_end(run_dir, job_id=env.job_id, result="failed", error=repr(e)[:500])
             raise
-        outcome = result.status
-        if outcome == "terminated":
-            # Stopped on SIGTERM (the MLflow run is already KILLED). A USR2 soon after means a
-            # preemption announced submitit's way (TERM, then USR2): requeue; else it was a cancel.
-            outcome = "preempted" if rank0 and _usr2_within(self._linger_s()) else "cancelled"
+        outcome = "cancelled" if result.status == "terminated" else result.status
         if rank0:
             jobfile.record_attempt_end(
                 run_dir, job_id=env.job_id, result=outcome, step=result.step, mlflow_run_id=result.run_id
             )
+        if rank0 and outcome == "cancelled" and _usr2_within(self._linger_s()):
+            # Stopped on SIGTERM, marked before SIGKILL can come (the MLflow run is already KILLED).
+            # A USR2 soon after is a preemption announced submitit's way (TERM, then USR2): requeue.
+            outcome = "preempted"
+            jobfile.amend_attempt(run_dir, job_id=env.job_id, result=outcome)
         if outcome == "preempted":
             _hand_over_to_submitit()
         else:
