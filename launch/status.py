@@ -34,7 +34,7 @@ def _local_state(job: dict[str, Any], attempts: list[dict[str, Any]]) -> str:
         return "RUNNING"
     if not attempts:
         return "FAILED (no rank started)" if not _pid_alive(int(job["job_id"])) else "PENDING"
-    return {"completed": "COMPLETED", "preempted": "PREEMPTED", "failed": "FAILED"}.get(
+    return {"completed": "COMPLETED", "preempted": "PREEMPTED", "failed": "FAILED", "cancelled": "CANCELLED"}.get(
         attempts[-1].get("result", ""), "FAILED (ended without a result)"
     )
 
