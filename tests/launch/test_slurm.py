@@ -184,7 +184,7 @@ def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     return {rec["step"]: rec for rec in map(json.loads, lines)}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_usr2_to_the_batch_shell_requeues_and_continues_exactly(
     smoke_on_slurm: Finished, slurm_env, synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -195,10 +195,10 @@ def test_usr2_to_the_batch_shell_requeues_and_continues_exactly(
     out = run_launcher(smoke_args(synthetic_shards, run_dir), env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = submitted_job_id(out.stdout)
-    _wait_for(lambda: "step 10/30" in _log(run_dir, job_id, 0), 180, "step 10")
+    _wait_for(lambda: "step 10/30" in _log(run_dir, job_id, 0), 240, "step 10")
     subprocess.run(["scancel", "-b", "--signal=USR2", job_id], env=slurm_env, check=True, timeout=30)
     monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
-    _wait_for(lambda: job_state(job_id) in FINAL_STATES, 240, "the job to end")
+    _wait_for(lambda: job_state(job_id) in FINAL_STATES, 360, "the job to end")
     assert job_state(job_id) == "COMPLETED"
     attempts = json.loads((run_dir / "job.json").read_text())["attempts"]
     assert [a["result"] for a in attempts] == ["preempted", "completed"], attempts
@@ -215,7 +215,7 @@ def test_usr2_to_the_batch_shell_requeues_and_continues_exactly(
     assert [ours[30][k] for k in ("eval/top1", "eval/loss")] == [reference[30][k] for k in ("eval/top1", "eval/loss")]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_scancel_saves_at_the_stop_step_and_marks_the_attempt(
     slurm_env, synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -228,7 +228,7 @@ def test_scancel_saves_at_the_stop_step_and_marks_the_attempt(
     assert out.returncode == 0, out.stdout + out.stderr
     assert "on SIGTERM the ranks save if a checkpoint fits in KillWait: 5 s (scontrol show config)" in out.stdout
     job_id = submitted_job_id(out.stdout)
-    _wait_for(lambda: "step 30/3000" in _log(run_dir, job_id, 0), 180, "step 30 (after the step-20 save)")
+    _wait_for(lambda: "step 30/3000" in _log(run_dir, job_id, 0), 240, "step 30 (after the step-20 save)")
     subprocess.run(["scancel", job_id], env=slurm_env, check=True, timeout=30)
     monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
     _wait_for(lambda: job_state(job_id) in FINAL_STATES, 120, "the job to end")
@@ -246,12 +246,12 @@ def test_scancel_saves_at_the_stop_step_and_marks_the_attempt(
     assert run.status == "KILLED" and attempts[0]["mlflow_run_id"] == run.run_id
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_two_ranks_per_node_on_two_nodes(slurm_env, synthetic_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "2x2"
     args = [*smoke_args(synthetic_shards, run_dir), "launch.ranks_per_node=2", "train.steps=10",
             "checkpoint.every_steps=0", "--follow"]  # fmt: skip
-    out = run_launcher(args, env=slurm_env, timeout=280)
+    out = run_launcher(args, env=slurm_env, timeout=460)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job_id = submitted_job_id(out.stdout)
     script = (run_dir / "submitit" / job_id / f"{job_id}_submission.sh").read_text()
