@@ -262,20 +262,26 @@ class RankJob:
             jobfile.record_attempt_start(run_dir, job_id=env.job_id, restart=restart, hosts=list(env.hostnames))
         from pipeline.train import run  # here, not at the top: the submitter never imports torch
 
+        def record_end(result: Any, outcome: str) -> None:
+            jobfile.record_attempt_end(
+                run_dir, job_id=env.job_id, result=outcome, step=result.step, mlflow_run_id=result.run_id
+            )
+
         try:
-            result = run(self.cfg, overrides=list(self.overrides), kill_wait_s=self.kill_wait_s)
+            result = run(
+                self.cfg, overrides=list(self.overrides), kill_wait_s=self.kill_wait_s,
+                on_terminated=(lambda res: record_end(res, "cancelled")) if rank0 else None,
+            )  # fmt: skip
         except BaseException as e:
             if rank0:
                 jobfile.record_attempt_end(run_dir, job_id=env.job_id, result="failed", error=repr(e)[:500])
             raise
         outcome = "cancelled" if result.status == "terminated" else result.status
-        if rank0:
-            jobfile.record_attempt_end(
-                run_dir, job_id=env.job_id, result=outcome, step=result.step, mlflow_run_id=result.run_id
-            )
+        if rank0 and outcome != "cancelled":  # a stop on SIGTERM was marked inside run(), before SIGKILL
+            record_end(result, outcome)
         if rank0 and outcome == "cancelled" and _usr2_within(self._linger_s()):
-            # Stopped on SIGTERM, marked before SIGKILL can come (the MLflow run is already KILLED).
-            # A USR2 soon after is a preemption announced submitit's way (TERM, then USR2): requeue.
+            # Stopped on SIGTERM (attempt marked, MLflow run KILLED). A USR2 soon after is a
+            # preemption announced submitit's way (TERM, then USR2): requeue.
             outcome = "preempted"
             jobfile.amend_attempt(run_dir, job_id=env.job_id, result=outcome)
         if outcome == "preempted":

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,11 +60,19 @@ class Progress:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = (), kill_wait_s: float | None = None) -> TrainResult:
+def run(
+    cfg: Config,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    kill_wait_s: float | None = None,
+    on_terminated: Callable[[TrainResult], None] | None = None,
+) -> TrainResult:
     """Train according to ``cfg`` on this rank; resume from ``cfg.train.run_dir`` if it has checkpoints.
 
     ``kill_wait_s``: seconds between SIGTERM and SIGKILL (SLURM's KillWait, passed by the launcher);
-    None: SLURM's default, ``preemption.DEFAULT_KILL_WAIT_S``.
+    None: SLURM's default, ``preemption.DEFAULT_KILL_WAIT_S``. ``on_terminated``: called with the
+    result after a stop on SIGTERM, before the MLflow run is closed (the launcher marks its attempt
+    there: SIGKILL may come while the tracker flushes).
     """
     env = detect()
     r = build_run(cfg, env, list(overrides))
@@ -72,6 +81,8 @@ def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = (), kill_wait_s
     try:
         result = _train(r, preemption.DEFAULT_KILL_WAIT_S if kill_wait_s is None else kill_wait_s)
         status = "FINISHED" if result.status == "completed" else "KILLED"
+        if result.status == "terminated" and on_terminated is not None:
+            on_terminated(result)
         return result
     finally:
         preemption.uninstall()
