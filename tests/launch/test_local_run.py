@@ -18,10 +18,10 @@ from pipeline.train.checkpoint import inspect_run_dir
 from tests.launch.conftest import rank_results, run_launcher, smoke_args, submitted_job_id
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_without_slurm_the_smoke_run_completes_locally(tmp_path: Path, synthetic_shards: Path, no_sbatch_env) -> None:
     run_dir = tmp_path / "smoke"
-    out = run_launcher([*smoke_args(synthetic_shards, run_dir), "--follow"], env=no_sbatch_env, timeout=230)
+    out = run_launcher([*smoke_args(synthetic_shards, run_dir), "--follow"], env=no_sbatch_env, timeout=350)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # No --local: the launcher found no SLURM and said so.
     assert "executor: local (no SLURM cluster here (sbatch is not on PATH): running locally" in out.stdout
