@@ -78,15 +78,17 @@ def run(
     r = build_run(cfg, env, list(overrides))
     preemption.install()
     status: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"
+    kill_wait = preemption.DEFAULT_KILL_WAIT_S if kill_wait_s is None else kill_wait_s
     try:
-        result = _train(r, preemption.DEFAULT_KILL_WAIT_S if kill_wait_s is None else kill_wait_s)
+        result = _train(r, kill_wait)
         status = "FINISHED" if result.status == "completed" else "KILLED"
         if result.status == "terminated" and on_terminated is not None:
             on_terminated(result)
         return result
     finally:
         preemption.uninstall()
-        finish_run(r, status)
+        left = kill_wait - preemption.seconds_since_terminate() - 0.5 if preemption.terminate_requested() else None
+        finish_run(r, status, within_s=left)
 
 
 def _train(r: Run, kill_wait_s: float) -> TrainResult:

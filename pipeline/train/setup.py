@@ -330,8 +330,11 @@ def _marker(r: Run) -> dict:
     }
 
 
-def finish_run(r: Run, status: str) -> None:
-    """Export the final weights (completed runs) and close the tracker; always leaves the group."""
+def finish_run(r: Run, status: str, *, within_s: float | None = None) -> None:
+    """Export the final weights (completed runs) and close the tracker; always leaves the group.
+
+    ``within_s``: SIGKILL is that near (a stop on SIGTERM): close the MLflow run first, no plot;
+    what the tracker cannot deliver in time stays in its buffer for the next start to replay."""
     try:
         if status == "FINISHED" and r.cfg.checkpoint.export_final:
             from pipeline.train.export import export_checkpoint
@@ -341,6 +344,9 @@ def finish_run(r: Run, status: str) -> None:
                 r.tracker.log_artifact(out / "model.json", "export")
             dist.barrier()
     finally:
-        r.tracker.close(status)
+        if within_s is None:
+            r.tracker.close(status)
+        else:
+            r.tracker.close(status, timeout_s=max(0.5, within_s), plot=False)
         if dist.is_initialized():
             dist.destroy_process_group()
