@@ -7,6 +7,7 @@ checkpoint in the same MLflow run until it finishes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -178,6 +179,15 @@ def test_preemption_requeues_without_using_up_timeouts(
     assert f"resumed from {run_dir}/checkpoints/step_{attempts[0]['step']:08d}" in log
 
 
+@contextlib.contextmanager
+def _cancelled_at_end(job_id: str, env: dict[str, str]) -> Iterator[None]:
+    """A test that fails half-way must not leave its job holding both nodes for the next test."""
+    try:
+        yield
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+
+
 def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     """<run_dir>/metrics.jsonl by step (the newest record of a step wins)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -195,10 +205,11 @@ def test_usr2_to_the_batch_shell_requeues_and_continues_exactly(
     out = run_launcher(smoke_args(synthetic_shards, run_dir), env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = submitted_job_id(out.stdout)
-    _wait_for(lambda: "step 10/30" in _log(run_dir, job_id, 0), 240, "step 10")
-    subprocess.run(["scancel", "-b", "--signal=USR2", job_id], env=slurm_env, check=True, timeout=30)
     monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
-    _wait_for(lambda: job_state(job_id) in FINAL_STATES, 360, "the job to end")
+    with _cancelled_at_end(job_id, slurm_env):
+        _wait_for(lambda: "step 10/30" in _log(run_dir, job_id, 0), 240, "step 10")
+        subprocess.run(["scancel", "-b", "--signal=USR2", job_id], env=slurm_env, check=True, timeout=30)
+        _wait_for(lambda: job_state(job_id) in FINAL_STATES, 360, "the job to end")
     assert job_state(job_id) == "COMPLETED"
     attempts = json.loads((run_dir / "job.json").read_text())["attempts"]
     assert [a["result"] for a in attempts] == ["preempted", "completed"], attempts
@@ -228,10 +239,11 @@ def test_scancel_saves_at_the_stop_step_and_marks_the_attempt(
     assert out.returncode == 0, out.stdout + out.stderr
     assert "on SIGTERM the ranks save if a checkpoint fits in KillWait: 5 s (scontrol show config)" in out.stdout
     job_id = submitted_job_id(out.stdout)
-    _wait_for(lambda: "step 30/3000" in _log(run_dir, job_id, 0), 240, "step 30 (after the step-20 save)")
-    subprocess.run(["scancel", job_id], env=slurm_env, check=True, timeout=30)
     monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
-    _wait_for(lambda: job_state(job_id) in FINAL_STATES, 120, "the job to end")
+    with _cancelled_at_end(job_id, slurm_env):
+        _wait_for(lambda: "step 30/3000" in _log(run_dir, job_id, 0), 240, "step 30 (after the step-20 save)")
+        subprocess.run(["scancel", job_id], env=slurm_env, check=True, timeout=30)
+        _wait_for(lambda: job_state(job_id) in FINAL_STATES, 120, "the job to end")
     assert job_state(job_id) == "CANCELLED"
     attempts = json.loads((run_dir / "job.json").read_text())["attempts"]
     assert [a["result"] for a in attempts] == ["cancelled"], attempts
