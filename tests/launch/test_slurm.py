@@ -189,9 +189,11 @@ def _cancelled_at_end(job_id: str, env: dict[str, str]) -> Iterator[None]:
 
 
 def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    """<run_dir>/metrics.jsonl by step (the newest record of a step wins)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {rec["step"]: rec for rec in map(json.loads, lines)}
+    """<run_dir>/metrics.jsonl by step: train and eval records of one step merged (newer keys win)."""
+    by_step: dict[int, dict[str, float]] = {}
+    for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        by_step.setdefault(rec["step"], {}).update(rec)
+    return by_step
 
 
 @pytest.mark.timeout(480)
