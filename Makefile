@@ -22,11 +22,14 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Debian's chromium for the browser test (root). The launcher tests install and start their 2-node
-# SLURM cluster themselves (tests/slurm/start_local_slurm.sh) and stop it afterwards. Without root
-# those tests skip and say why; everything else still runs.
+# Every system package the suite uses, installed before pytest starts so that no test depends on
+# what an earlier test installed: Debian's SLURM + munge + mariadb (the launcher tests start and stop
+# their 2-node cluster with tests/slurm/start_local_slurm.sh) and chromium (the browser test).
+# Idempotent (a second run takes well under a second). Without root each script prints what to run
+# and the tests that need it skip and say why; as root a failed install stops `make test`.
 system-deps:
-	-bash tests/system/install_browser.sh
+	bash tests/system/install_slurm.sh
+	bash tests/system/install_browser.sh
 
 test: $(VENV)/.installed lint system-deps
 	$(PY) -m pytest

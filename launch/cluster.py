@@ -95,6 +95,13 @@ def job_state(job_id: str) -> str:
     return info.state if info else "UNKNOWN"
 
 
+def kill_wait_s() -> float | None:
+    """SLURM's KillWait: seconds from SIGTERM to SIGKILL when a job is cancelled or ends; None if unknown."""
+    out = _run(["scontrol", "show", "config"])
+    m = re.search(r"^KillWait\s*=\s*(\d+)\s*sec", out or "", re.MULTILINE)
+    return float(m.group(1)) if m else None
+
+
 def parse_time_min(text: str) -> int:
     """SLURM's time formats -> whole minutes: "90", "1:30:00", "2-00:00:00", "1-12" (days-hours)."""
     t = text.strip()

@@ -23,6 +23,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 ExecutorKind = Literal["slurm", "local"]
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the project checkout the job imports from
 SUBMITIT_DIR = "submitit"
+# Each task on its allocated cores; its loader workers inherit that mask, and the rank sizes its torch
+# threads from the same allocation (pipeline/train/placement.py). A no-op where TaskPlugin=task/none.
+SRUN_CPU_BIND = ("--cpu-bind=cores",)
 
 
 class SubmissionError(RuntimeError):
@@ -69,7 +73,30 @@ class LaunchPlan:
     @property
     def setup(self) -> list[str]:
         # The job imports `launch.executor` (RankJob) and `pipeline` from the submitted checkout.
-        return [f"export PYTHONPATH={shlex.quote(str(SOURCE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+        return [f"export PYTHONPATH={shlex.quote(str(SOURCE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}", *FORWARD_SIGNALS]
+
+
+# `scancel -b --signal=USR2` (and a TERM sent to the batch shell alone) reaches only the batch
+# shell, which dies of it: no save, no requeue. submitit's script runs `srun ...` in the foreground,
+# and bash runs a trap only after the foreground command returns, so these setup lines shadow
+# `srun` with a function that runs it in the background and waits, forwarding the signals to srun
+# (which passes them to every task). A signal sent to the whole job reaches the tasks directly
+# too; the ranks treat repeats as one. Only sbatch's public `setup` lines are used.
+FORWARD_SIGNALS = (
+    "srun() {",
+    '  command srun "$@" &',
+    "  local pid=$! rc=0",
+    "  trap 'kill -USR2 $pid 2>/dev/null' USR2",
+    "  trap 'kill -TERM $pid 2>/dev/null' TERM",
+    "  while :; do",
+    '    wait "$pid"; rc=$?',
+    '    if [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi  # a trap ended the wait',
+    "    break",
+    "  done",
+    "  trap - USR2 TERM",
+    '  return "$rc"',
+    "}",
+)
 
 
 def sbatch_parameters(plan: LaunchPlan) -> dict[str, Any]:
@@ -82,6 +109,7 @@ def sbatch_parameters(plan: LaunchPlan) -> dict[str, Any]:
         "ntasks_per_node": la.tasks_per_node,  # one task per GPU (or per CPU rank)
         "signal_delay_s": la.signal_delay_s,  # USR2 this long before the limit
         "setup": plan.setup,
+        "srun_args": list(SRUN_CPU_BIND),
         "additional_parameters": {"requeue": True},  # allow `scontrol requeue` even where JobRequeue=0
     }
     optional = {
@@ -223,6 +251,7 @@ class RankJob:
     overrides: tuple[str, ...] = ()
     requeues: int = 0  # requeues through checkpoint() so far (the local executor's restart count)
     lease_token: str = ""  # the run dir's lease the launcher took; rank 0 adopts it (pipeline.train.lease)
+    kill_wait_s: float | None = None  # SLURM's KillWait (SIGTERM -> SIGKILL); None: SLURM's default
 
     def __call__(self) -> Any:
         from pipeline.train import lease
@@ -238,8 +267,18 @@ class RankJob:
             jobfile.record_attempt_start(run_dir, job_id=env.job_id, restart=restart, hosts=list(env.hostnames))
         from pipeline.train import run  # here, not at the top: the submitter never imports torch
 
+        def record_end(result: Any, outcome: str) -> None:
+            undelivered = {"undelivered": result.undelivered} if result.undelivered else {}
+            jobfile.record_attempt_end(
+                run_dir, job_id=env.job_id, result=outcome, step=result.step, mlflow_run_id=result.run_id,
+                **undelivered,
+            )  # fmt: skip
+
         try:
-            result = run(self.cfg, overrides=list(self.overrides))
+            result = run(
+                self.cfg, overrides=list(self.overrides), kill_wait_s=self.kill_wait_s,
+                on_terminated=(lambda res: record_end(res, "cancelled")) if rank0 else None,
+            )  # fmt: skip
         except BaseException as e:
             # Every rank says what stopped it: rank 0 often only sees "Connection closed by peer".
             host = env.hostnames[env.node] if env.node < len(env.hostnames) else env.hostname
@@ -250,17 +289,15 @@ class RankJob:
             if rank0:
                 jobfile.record_attempt_end(run_dir, job_id=env.job_id, result="failed", error=error[:500])
             raise
-        if rank0:
-            undelivered = {"undelivered": result.undelivered} if result.undelivered else {}
-            jobfile.record_attempt_end(
-                run_dir,
-                job_id=env.job_id,
-                result=result.status,
-                step=result.step,
-                mlflow_run_id=result.run_id,
-                **undelivered,
-            )
-        if result.status == "preempted":
+        outcome = "cancelled" if result.status == "terminated" else result.status
+        if rank0 and outcome != "cancelled":  # a stop on SIGTERM was marked inside run(), before SIGKILL
+            record_end(result, outcome)
+        if rank0 and outcome == "cancelled" and _usr2_within(self._linger_s()):
+            # Stopped on SIGTERM (attempt marked, MLflow run KILLED). A USR2 soon after is a
+            # preemption announced submitit's way (TERM, then USR2): requeue.
+            outcome = "preempted"
+            jobfile.amend_attempt(run_dir, job_id=env.job_id, result=outcome)
+        if outcome == "preempted":
             _hand_over_to_submitit()
         else:
             # Done: a USR2 that arrives now (the limit is near) must neither requeue a finished job
@@ -268,10 +305,35 @@ class RankJob:
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return result
 
+    def _linger_s(self) -> float:
+        """How long rank 0 waits for a USR2 after a TERM: until shortly before SIGKILL, at most 5 s."""
+        from pipeline.train import preemption
+
+        kill_wait = preemption.DEFAULT_KILL_WAIT_S if self.kill_wait_s is None else self.kill_wait_s
+        left = kill_wait - preemption.seconds_since_terminate() - preemption.FINISH_MARGIN_S
+        return max(0.0, min(LINGER_MAX_S, left))
+
     def checkpoint(self) -> DelayedSubmission:
         """Called by submitit on rank 0 after the save: the same config and run dir, so the engine
         resumes from the newest complete checkpoint and reopens the same MLflow run."""
         return DelayedSubmission(replace(self, requeues=self.requeues + 1))
+
+
+LINGER_MAX_S = 5.0
+
+
+def _usr2_within(seconds: float) -> bool:
+    """Whether a USR2 arrives within ``seconds`` (it sets the same flag the training loop polls)."""
+    from pipeline.train import preemption
+
+    preemption.install()
+    try:
+        deadline = time.monotonic() + seconds
+        while not preemption.requested() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return preemption.requested()
+    finally:
+        preemption.uninstall()
 
 
 def python_command() -> str:

@@ -99,7 +99,8 @@ def record_attempt_start(run_dir: str | Path, *, job_id: str, restart: int, host
 
 
 def record_attempt_end(run_dir: str | Path, *, job_id: str, result: str, **fields: Any) -> None:
-    """Close the newest open attempt of ``job_id`` with its ``result`` ("completed", "preempted", "failed")."""
+    """Close the newest open attempt of ``job_id`` with its ``result`` ("completed", "preempted", "failed",
+    "cancelled": stopped by SIGTERM, e.g. scancel)."""
 
     def change(data: dict[str, Any]) -> None:
         for attempt in reversed(data["attempts"]):
@@ -166,3 +167,16 @@ def close_stale_attempts(run_dir: str | Path, job_id: str, result: str, why: str
 
     update_job_file(run_dir, change)
     return closed
+
+
+def amend_attempt(run_dir: str | Path, *, job_id: str, **fields: Any) -> None:
+    """Change the newest attempt of ``job_id``, closed or not (a stop first marked "cancelled" that
+    turned out to be a preemption)."""
+
+    def change(data: dict[str, Any]) -> None:
+        for attempt in reversed(data["attempts"]):
+            if attempt["job_id"] == job_id:
+                attempt.update(**fields)
+                return
+
+    update_job_file(run_dir, change)

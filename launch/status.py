@@ -45,9 +45,9 @@ def _local_state(job: dict[str, Any], attempts: list[dict[str, Any]]) -> str:
         return "RUNNING"
     if not attempts:
         return "FAILED (no rank started)" if not _pid_alive(int(job["job_id"])) else "PENDING"
-    return {"completed": "COMPLETED", "preempted": "PREEMPTED", "failed": "FAILED", "killed": "KILLED"}.get(
-        attempts[-1].get("result", ""), "FAILED (ended without a result)"
-    )
+    states = {"completed": "COMPLETED", "preempted": "PREEMPTED", "failed": "FAILED", "killed": "KILLED"}
+    states["cancelled"] = "CANCELLED"
+    return states.get(attempts[-1].get("result", ""), "FAILED (ended without a result)")
 
 
 def _finished(attempts: list[dict[str, Any]]) -> bool:

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `launch` and `pipeline` i
 from launch import checks, cluster, container, jobfile, status  # noqa: E402
 from launch.executor import (  # noqa: E402
     SOURCE_ROOT,
+    SRUN_CPU_BIND,
     LaunchPlan,
     RankJob,
     SubmissionError,
@@ -221,6 +222,30 @@ def rendezvous_plan(cfg: Config, kind: str) -> str:
     ])  # fmt: skip
 
 
+def cpu_plan(cfg: Config, kind: str) -> str:
+    """How each rank will size its torch threads (pipeline/train/placement.py applies it in the job)."""
+    from pipeline.train.placement import cpu_budget
+
+    la, workers = cfg.launch, cfg.data.num_workers
+    split = f"torch threads = CPUs - {workers} loader worker(s), at least 1"
+    if cfg.train.cpu_threads:
+        split = f"torch threads = {cfg.train.cpu_threads} (train.cpu_threads)"
+    if la.gpus_per_node:
+        split = "torch threads left to torch (GPU ranks)"
+    lines = [f'cpus per rank: {split}; every rank prints its figures at start ("cpus: rank ...")']
+    if kind == "local":
+        cpus, source = cpu_budget(la.world_size)  # all ranks share this machine
+        lines.append(f"  here: {cpus} CPU(s) per rank ({source})")
+    per_task = f"{la.cpus_per_task} (--cpus-per-task)" if la.cpus_per_task else "the scheduler's default"
+    lines.append(
+        f"  on SLURM: CPUs per rank = SLURM_CPUS_PER_TASK, else SLURM_CPUS_ON_NODE / tasks per node: {per_task}"
+    )
+    lines.append(
+        f"  binding: srun {' '.join(SRUN_CPU_BIND)} (each rank and its loader workers on the rank's own cores)"
+    )
+    return "\n".join(lines)
+
+
 def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice) -> int:
     """Print everything a submission would do; run the checks; submit nothing."""
     la = cfg.launch
@@ -233,6 +258,7 @@ def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice) -> int:
     print("\n== rank command ==")
     print(f"{plan.python} -u -m submitit.core._submit {plan.folder}")
     print(f"\n== {rendezvous_plan(cfg, choice.kind)}")
+    print(f"\n== {cpu_plan(cfg, choice.kind)}")
     print("\n== " + format_plan(memory_plan(cfg, nodes=la.nodes, gpus_per_node=la.gpus_per_node)))
     print("\n== pre-submission checks ==")
     try:
@@ -279,8 +305,16 @@ def lease_state(cfg: Config) -> str:
 
 def _submit(cfg: Config, plan: LaunchPlan, args: argparse.Namespace, argv: list[str], holder: lease.Holder) -> int:
     run_dir = Path(cfg.train.run_dir)
+    kill_wait = cluster.kill_wait_s() if plan.kind == "slurm" else None
+    if plan.kind == "slurm":
+        said = (
+            f"{kill_wait:.0f} s (scontrol show config)"
+            if kill_wait is not None
+            else "unknown (SLURM's default assumed)"
+        )
+        print(f"on SIGTERM the ranks save if a checkpoint fits in KillWait: {said}")
     try:
-        job = submit(plan, RankJob(cfg, tuple(args.overrides), lease_token=holder.token))
+        job = submit(plan, RankJob(cfg, tuple(args.overrides), lease_token=holder.token, kill_wait_s=kill_wait))
     except SubmissionError as e:
         lease.release(run_dir, holder.token)
         print(f"error: {plan.kind} refused the job:\n{e}", file=sys.stderr)

@@ -197,7 +197,7 @@ class TrainConfig:
     eval_every: int = 100  # 0: evaluate only at the end
     peak_tflops: float = 0.0  # per device, for train/mfu; 0: look up the device (unknown: no MFU)
     max_nonfinite_steps: int = 3  # consecutive skipped steps before rolling back
-    cpu_threads: int = 0  # torch threads per rank on CPU; 0: cores / local ranks
+    cpu_threads: int = 0  # torch threads per rank on CPU; 0: the rank's CPU allocation minus loader workers
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")

@@ -74,8 +74,9 @@ class Tracker:
         """After close(): how many records never reached the store (they stay in the buffer file)."""
         return 0
 
-    def close(self, status: Status = "FINISHED", timeout_s: float = 30.0) -> None:
-        """Flush within ``timeout_s``, end the run with ``status``; what is left stays buffered."""
+    def close(self, status: Status = "FINISHED", timeout_s: float = 30.0, *, plot: bool = True) -> None:
+        """Flush within ``timeout_s``, end the run with ``status``; what is left stays buffered.
+        ``plot=False`` skips the history plot (a stop on SIGTERM has seconds before SIGKILL)."""
 
     def __enter__(self) -> Tracker:
         return self
@@ -286,11 +287,12 @@ class WriterTracker(Tracker):
         except Exception as e:  # a plot must never fail a run
             log.warning("tracking: loss/accuracy plot not rendered: %s", e)
 
-    def close(self, status: Status = "FINISHED", timeout_s: float = 30.0) -> None:
+    def close(self, status: Status = "FINISHED", timeout_s: float = 30.0, *, plot: bool = True) -> None:
         if self._closed:
             return
         deadline = time.monotonic() + timeout_s
-        self.log_history_plot()
+        if plot:
+            self.log_history_plot()
         self._closed = True
         atexit.unregister(self._at_exit)
         if self._sysmetrics is not None:
@@ -602,7 +604,7 @@ class NodeTracker(Tracker):
     def run_id(self) -> str | None:
         return self._run_id
 
-    def close(self, status: Status = "FINISHED", timeout_s: float = 30.0) -> None:
+    def close(self, status: Status = "FINISHED", timeout_s: float = 30.0, *, plot: bool = True) -> None:
         if self._sysmetrics is not None:
             self._sysmetrics.stop(timeout_s=min(timeout_s, 10.0))
             self._sysmetrics = None

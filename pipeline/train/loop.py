@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,7 +46,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    status: Literal["completed", "preempted"]
+    status: Literal["completed", "preempted", "terminated"]
     step: int
     samples_seen: int
     run_id: str | None
@@ -61,14 +62,27 @@ class Progress:
     first_skip_step: int = 0
     rollbacks: int = 0
     last_saved_step: int = -1
+    last_save_s: float | None = None  # this attempt's last save, measured (the SIGTERM budget)
     window: Window = field(default_factory=Window)
     last_metrics: dict[str, float] = field(default_factory=dict)
     ckpt_bytes: int = 0  # one checkpoint's size: the last one written, or an estimate before it
     logged: dict[str, int] = field(default_factory=dict)  # highest step per key in metrics.jsonl (rank 0)
 
 
-def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
-    """Train according to ``cfg`` on this rank; resume from ``cfg.train.run_dir`` if it has checkpoints."""
+def run(
+    cfg: Config,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    kill_wait_s: float | None = None,
+    on_terminated: Callable[[TrainResult], None] | None = None,
+) -> TrainResult:
+    """Train according to ``cfg`` on this rank; resume from ``cfg.train.run_dir`` if it has checkpoints.
+
+    ``kill_wait_s``: seconds between SIGTERM and SIGKILL (SLURM's KillWait, passed by the launcher);
+    None: SLURM's default, ``preemption.DEFAULT_KILL_WAIT_S``. ``on_terminated``: called with the
+    result after a stop on SIGTERM, before the MLflow run is closed (the launcher marks its attempt
+    there: SIGKILL may come while the tracker flushes).
+    """
     env = detect()
     try:
         r = build_run(cfg, env, list(overrides))
@@ -77,17 +91,21 @@ def run(cfg: Config, *, overrides: list[str] | tuple[str, ...] = ()) -> TrainRes
         raise
     preemption.install()
     status: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"
+    kill_wait = preemption.DEFAULT_KILL_WAIT_S if kill_wait_s is None else kill_wait_s
     try:
-        result = _train(r)
+        result = _train(r, kill_wait)
         status = "FINISHED" if result.status == "completed" else "KILLED"
+        if result.status == "terminated" and on_terminated is not None:
+            on_terminated(result)
     finally:
         preemption.uninstall()
-        finish_run(r, status)
+        left = kill_wait - preemption.seconds_since_terminate() - 0.5 if preemption.terminate_requested() else None
+        finish_run(r, status, within_s=left)
     result.undelivered = r.tracker.undelivered
     return result
 
 
-def _train(r: Run) -> TrainResult:
+def _train(r: Run, kill_wait_s: float) -> TrainResult:
     p = Progress(
         last_saved_step=r.state["step"] if r.resumed else -1, ckpt_bytes=_checkpoint_bytes(r), logged=_logged_steps(r)
     )
@@ -104,7 +122,7 @@ def _train(r: Run) -> TrainResult:
         log.info("this run is already complete (%d samples); nothing to train", total)
     while r.state["samples_seen"] < total:
         set_lr(ds.param_groups_of(r.engine), r.schedule.lr(r.state["samples_seen"]))
-        loss, skipped, preempt, wait = _step(r, data)
+        loss, skipped, (preempt, terminate), wait = _step(r, data)
         r.state["step"] += 1
         r.state["samples_seen"] += r.plan.global_batch_size
         p.window.add(images=r.plan.global_batch_size, data_wait=wait, loss=None if skipped else loss)
@@ -121,6 +139,9 @@ def _train(r: Run) -> TrainResult:
             _save(r, p)
             log.warning("saved step %d on the pre-timeout signal; stopping for requeue", r.state["step"])
             return _result(r, p, "preempted")
+        if terminate:
+            _stop_on_terminate(r, p, kill_wait_s)
+            return _result(r, p, "terminated")
         every = r.cfg.checkpoint.every_steps
         if every and r.state["step"] % every == 0:
             _save(r, p)
@@ -131,12 +152,12 @@ def _train(r: Run) -> TrainResult:
     return _result(r, p, "completed")
 
 
-def _result(r: Run, p: Progress, status: Literal["completed", "preempted"]) -> TrainResult:
+def _result(r: Run, p: Progress, status: Literal["completed", "preempted", "terminated"]) -> TrainResult:
     return TrainResult(status, r.state["step"], r.state["samples_seen"], r.tracker.run_id, dict(p.last_metrics))
 
 
-def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
-    """One optimizer step (grad_accum micro batches). Returns loss, skipped, preempt, data wait."""
+def _step(r: Run, data: Any) -> tuple[float, bool, tuple[bool, bool], float]:
+    """One optimizer step (grad_accum micro batches). Returns loss, skipped, (USR2, TERM), data wait."""
     engine, wait = r.engine, 0.0
     loss_sum = torch.zeros((), dtype=torch.float64)
     inject = _inject_nonfinite(r)
@@ -156,16 +177,16 @@ def _step(r: Run, data: Any) -> tuple[float, bool, bool, float]:
         guarded = ds.guard_nonfinite_grads(engine, r.cfg.optim.grad_clip)  # plain stage 0 only
         engine.step()
         loss_sum += loss.detach().double().cpu()
-    # One small all-reduce per step: loss, skip flag, preemption flag (the ranks agree on both).
+    # One small all-reduce per step: loss, skip flag, USR2 and TERM flags (the ranks agree on all).
     applied = ds.step_applied(engine) and not guarded
     flags = torch.tensor(
         [float(loss_sum) if torch.isfinite(loss_sum) else 0.0, float(not torch.isfinite(loss_sum) or not applied),
-         float(preemption.requested())],
+         float(preemption.requested()), float(preemption.terminate_requested())],
         dtype=torch.float64,
     )  # fmt: skip
     dist.all_reduce(flags)
     loss = float(flags[0]) / (r.env.world_size * r.plan.grad_accum)
-    return loss, bool(flags[1] > 0), bool(flags[2] > 0), wait
+    return loss, bool(flags[1] > 0), (bool(flags[2] > 0), bool(flags[3] > 0)), wait
 
 
 def _seed_forward(r: Run, micro: int) -> None:
@@ -346,8 +367,31 @@ def _evaluate(r: Run, p: Progress) -> None:
         r.on_eval(r, top1)
 
 
+def _stop_on_terminate(r: Run, p: Progress, kill_wait_s: float) -> None:
+    """SIGTERM: save if the checkpoint ends before SLURM's SIGKILL, else stop without one.
+
+    The ranks decide together: the longest time since a rank saw TERM and the slowest rank's last
+    save (a max all-reduce), so every rank reaches the same verdict and the collective save either
+    runs on all ranks or on none.
+    """
+    last = -1.0 if p.last_save_s is None else p.last_save_s
+    worst = torch.tensor([preemption.seconds_since_terminate(), last], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    elapsed, last_save = float(worst[0]), (float(worst[1]) if worst[1] >= 0 else None)
+    decision = preemption.save_fits(kill_wait_s=kill_wait_s, elapsed_s=elapsed, last_save_s=last_save)
+    step = r.state["step"]
+    if p.last_saved_step == step:
+        log.warning("stopping on SIGTERM at step %d, already saved", step)
+    elif decision.save:
+        _save(r, p)
+        log.warning("saved step %d on SIGTERM (%s); stopping", step, decision.reason)
+    else:
+        log.warning("stopping on SIGTERM at step %d without a checkpoint: %s", step, decision.reason)
+
+
 def _save(r: Run, p: Progress) -> None:
     _warn_space(r, p)
+    t0 = time.perf_counter()
     try:
         tag_dir = save_checkpoint(r)
     except (OSError, RuntimeError) as e:
@@ -356,6 +400,7 @@ def _save(r: Run, p: Progress) -> None:
             tag_dir = ckpt_dir / ckpt.tag_for(r.state["step"])
             raise space.out_of_space_error(tag_dir, r.state["step"], r.cfg.checkpoint.keep_last, e) from e
         raise
+    p.last_save_s = time.perf_counter() - t0
     p.last_saved_step = r.state["step"]
     p.ckpt_bytes = space.tree_bytes(tag_dir) if r.env.rank == 0 else p.ckpt_bytes
 

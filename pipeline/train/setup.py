@@ -35,6 +35,7 @@ from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 from pipeline.train.dist_env import DistEnv
 from pipeline.train.lease import RunDirBusy
 from pipeline.train.metrics import device_peak_tflops
+from pipeline.train.placement import plan_cpus
 from pipeline.train.recipe import Schedule, make_schedule, param_groups
 from pipeline.train.resume import ResumePlan, plan_resume
 
@@ -99,7 +100,10 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     if device == "cuda":
         torch.cuda.set_device(env.local_rank)
     else:
-        torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
+        # Every rank says it (not only rank 0): a wrong split shows on the rank that has it.
+        cpus = plan_cpus(env, num_workers=cfg.data.num_workers, cpu_threads=cfg.train.cpu_threads)
+        torch.set_num_threads(cpus.torch_threads)
+        print(cpus.describe(env), flush=True)
     ds.init_distributed(device)
     # Before any weights exist: a label past the head would fail at step 1 (a device-side assert on a GPU).
     log.info("data: %s", check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key))
@@ -408,8 +412,11 @@ def _marker(r: Run) -> dict:
     }
 
 
-def finish_run(r: Run, status: str) -> None:
-    """Export the final weights (completed runs) and close the tracker; always leaves the group."""
+def finish_run(r: Run, status: str, *, within_s: float | None = None) -> None:
+    """Export the final weights (completed runs) and close the tracker; always leaves the group.
+
+    ``within_s``: SIGKILL is that near (a stop on SIGTERM): close the MLflow run first, no plot;
+    what the tracker cannot deliver in time stays in its buffer for the next start to replay."""
     try:
         if status == "FINISHED" and r.cfg.checkpoint.export_final:
             from pipeline.train.export import export_checkpoint
@@ -420,6 +427,9 @@ def finish_run(r: Run, status: str) -> None:
             dist.barrier()
     finally:
         run_lease.end_held(status)  # kept when KILLED: a requeued job adopts it
-        r.tracker.close(status)
+        if within_s is None:
+            r.tracker.close(status)
+        else:
+            r.tracker.close(status, timeout_s=max(0.5, within_s), plot=False)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -45,10 +45,27 @@ def no_slurm_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+# SLURM's client commands (Debian's slurm-client); no_sbatch_env leaves them out of PATH.
+SLURM_TOOLS = frozenset(
+    "sacct sacctmgr salloc sattach sbatch sbcast scancel scontrol scrontab sdiag sinfo sprio squeue sreport srun "
+    "sshare sstat strigger sview".split()
+)
+
+
 @pytest.fixture
-def no_sbatch_env(no_slurm_env: dict[str, str]) -> dict[str, str]:
-    """A login node without SLURM's tools: PATH holds only this Python."""
-    return {**no_slurm_env, "PATH": str(Path(sys.executable).parent)}
+def no_sbatch_env(no_slurm_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A machine without SLURM's tools, whether or not this one has them: PATH is one directory of
+    links to every program on this PATH except SLURM's. The compilers stay (DeepSpeed builds its
+    CPU ops on first use), so the rank's build flags, and its op cache, match the other tests'."""
+    shadow = tmp_path / "bin-without-slurm"
+    shadow.mkdir()
+    dirs = [Path(sys.executable).parent, *map(Path, os.environ.get("PATH", "").split(os.pathsep))]
+    for d in filter(Path.is_dir, dirs):
+        for prog in d.iterdir():
+            link = shadow / prog.name
+            if prog.name not in SLURM_TOOLS and not os.path.lexists(link) and os.access(prog, os.X_OK):
+                link.symlink_to(prog)
+    return {**no_slurm_env, "PATH": str(shadow)}
 
 
 def rank_results(run_dir: Path, job_id: str, ranks: int) -> list:

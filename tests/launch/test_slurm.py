@@ -7,6 +7,7 @@ checkpoint in the same MLflow run until it finishes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from launch.cluster import FINAL_STATES, job_state
 from pipeline.tracking import find_run, metric_history
 from pipeline.train.checkpoint import inspect_run_dir
+from pipeline.train.setup import SAVE_PAUSE_ENV
 from tests.launch.conftest import REPO, rank_results, run_launcher, smoke_args, submitted_job_id
 
 pytestmark = pytest.mark.slurm
@@ -178,3 +180,114 @@ def test_preemption_requeues_without_using_up_timeouts(
     # The run dir's lease: the launcher's, adopted by both attempts (kept across the requeue), then released.
     assert log.count("adopted the lease taken by the launcher") == 2
     assert "keeping the lease of" in log and not (run_dir / "lease.json").exists()
+
+
+@contextlib.contextmanager
+def _cancelled_at_end(job_id: str, env: dict[str, str]) -> Iterator[None]:
+    """A test that fails half-way must not leave its job holding both nodes for the next test."""
+    try:
+        yield
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+
+
+def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """<run_dir>/metrics.jsonl by step: train and eval records of one step merged (newer keys win)."""
+    by_step: dict[int, dict[str, float]] = {}
+    for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        by_step.setdefault(rec["step"], {}).update(rec)
+    return by_step
+
+
+@pytest.mark.timeout(480)
+def test_usr2_to_the_batch_shell_requeues_and_continues_exactly(
+    smoke_on_slurm: Finished, slurm_env, synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `scancel -b --signal=USR2` reaches only the batch shell; its srun wrapper forwards it to the
+    # ranks. The last rank pauses 8 s inside the step-10 save, so the signal lands mid-run.
+    run_dir = tmp_path / "batch-usr2"
+    env = {**slurm_env, SAVE_PAUSE_ENV: "8@10"}
+    out = run_launcher(smoke_args(synthetic_shards, run_dir), env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = submitted_job_id(out.stdout)
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
+    with _cancelled_at_end(job_id, slurm_env):
+        _wait_for(lambda: "step 10/30" in _log(run_dir, job_id, 0), 240, "step 10")
+        subprocess.run(["scancel", "-b", "--signal=USR2", job_id], env=slurm_env, check=True, timeout=30)
+        _wait_for(lambda: job_state(job_id) in FINAL_STATES, 360, "the job to end")
+    assert job_state(job_id) == "COMPLETED"
+    attempts = json.loads((run_dir / "job.json").read_text())["attempts"]
+    assert [a["result"] for a in attempts] == ["preempted", "completed"], attempts
+    saved = attempts[0]["step"]
+    assert 10 < saved < 30 and attempts[1]["step"] == 30
+    log = _log(run_dir, job_id, 0)
+    assert f"saved step {saved} on the pre-timeout signal" in log
+    assert f"resumed from {run_dir}/checkpoints/step_{saved:08d} (step {saved}," in log
+    # Exact continuation: every logged window that lies wholly in one attempt, and the final
+    # evaluation, equal the uninterrupted run's (the window around the restart spans both).
+    ours, reference = _metrics(run_dir), _metrics(smoke_on_slurm.run_dir)
+    whole = [s for s in range(5, 31, 5) if s <= saved or s - 5 >= saved]
+    assert [ours[s]["train/loss"] for s in whole] == [reference[s]["train/loss"] for s in whole]
+    assert [ours[30][k] for k in ("eval/top1", "eval/loss")] == [reference[30][k] for k in ("eval/top1", "eval/loss")]
+
+
+@pytest.mark.timeout(420)
+def test_scancel_saves_at_the_stop_step_and_marks_the_attempt(
+    slurm_env, synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Plain scancel: SIGTERM now, SIGKILL KillWait (5 s here) later. A save takes well under 1 s,
+    # so it fits: the ranks save the step they stopped at, the attempt says "cancelled" and the
+    # MLflow run ends KILLED.
+    run_dir = tmp_path / "cancel"
+    extra = ["train.steps=3000", "train.log_every=10", "checkpoint.every_steps=20"]
+    out = run_launcher([*smoke_args(synthetic_shards, run_dir), *extra], env=slurm_env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "on SIGTERM the ranks save if a checkpoint fits in KillWait: 5 s (scontrol show config)" in out.stdout
+    job_id = submitted_job_id(out.stdout)
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
+    with _cancelled_at_end(job_id, slurm_env):
+        _wait_for(lambda: "step 30/3000" in _log(run_dir, job_id, 0), 240, "step 30 (after the step-20 save)")
+        subprocess.run(["scancel", job_id], env=slurm_env, check=True, timeout=30)
+        _wait_for(lambda: job_state(job_id) in FINAL_STATES, 120, "the job to end")
+    assert job_state(job_id) == "CANCELLED"
+    attempts = json.loads((run_dir / "job.json").read_text())["attempts"]
+    assert [a["result"] for a in attempts] == ["cancelled"], attempts
+    stopped = attempts[0]["step"]
+    assert stopped >= 30
+    info = inspect_run_dir(run_dir)
+    assert info is not None and info.step == stopped  # a checkpoint at the very step it stopped
+    log = _log(run_dir, job_id, 0)
+    assert "received SIGTERM: the job is being stopped" in log
+    assert f"saved step {stopped} on SIGTERM (a save takes ~" in log and "fits in" in log
+    run = find_run(run_dir)
+    assert run.status == "KILLED" and attempts[0]["mlflow_run_id"] == run.run_id
+
+
+@pytest.mark.timeout(480)
+def test_two_ranks_per_node_on_two_nodes(slurm_env, synthetic_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "2x2"
+    args = [*smoke_args(synthetic_shards, run_dir), "launch.ranks_per_node=2", "train.steps=10",
+            "checkpoint.every_steps=0", "--follow"]  # fmt: skip
+    out = run_launcher(args, env=slurm_env, timeout=460)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job_id = submitted_job_id(out.stdout)
+    script = (run_dir / "submitit" / job_id / f"{job_id}_submission.sh").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=2" in script
+    for rank in range(4):  # SLURM's task order: ranks 0, 1 on node1, ranks 2, 3 on node2
+        node, local = divmod(rank, 2)
+        log = _log(run_dir, job_id, rank)
+        assert f"local_rank={local}(2), node={node}(2), global_rank={rank}(4)" in log  # submitit's line
+        assert f"cpus: rank {rank} (node {node}, local rank {local}/2) may use 1 CPU(s) (" in log
+    results = rank_results(run_dir, job_id, ranks=4)
+    assert [(outcome, r.status, r.step) for outcome, r in results] == [("success", "completed", 10)] * 4
+    # One rendezvous: rank 0's MLflow run id reached both nodes' first ranks (their system-metrics
+    # trackers attach to it); local rank 1 keeps no tracker.
+    assert [r.run_id is not None for _, r in results] == [True, False, True, False]
+    assert len({r.run_id for _, r in results} - {None}) == 1
+    # One commit: a single checkpoint, written by 4 ranks, with one marker.
+    tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step_00000010"]
+    info = inspect_run_dir(run_dir)
+    assert info is not None and (info.step, info.world_size) == (10, 4)
+    run = find_run(run_dir)
+    assert run.tags["world_size"] == "4" and run.tags["nodes"] == "2" and results[0][1].run_id == run.run_id

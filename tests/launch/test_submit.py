@@ -100,6 +100,12 @@ def test_dry_run_prints_sbatch_script_rendezvous_and_memory_plan(tmp_path: Path,
                  f"-m submitit.core._submit {run_dir}/submitit/%j"]:  # fmt: skip
         assert line in text, line
     assert "rendezvous: 2 ranks = 2 node(s) x 1 task(s), backend gloo (CPU)" in text
+    # CPUs per rank: the rule, this machine's figures (--local: both ranks here), the srun binding.
+    assert "cpus per rank: torch threads = CPUs - 1 loader worker(s), at least 1" in text
+    here = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"  here: {here} CPU(s) per rank ({len(os.sched_getaffinity(0))} usable CPUs / 2 local rank(s))" in text
+    assert "SLURM_CPUS_ON_NODE / tasks per node: 3 (--cpus-per-task)" in text
+    assert "srun --unbuffered --output" in text and "--cpu-bind=cores" in text
     cfg = load_config(REPO / "configs/smoke.yaml", ["model.num_classes=4"])
     n_params = sum(p.numel() for p in ViT(**cfg.model.vit_kwargs()).parameters())
     assert f"memory plan per rank (CPU ranks: no GPU memory involved): ViT with {n_params:,} parameters" in text

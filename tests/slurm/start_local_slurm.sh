@@ -5,7 +5,7 @@
 #   export SLURM_CONF=/tmp/pipeline-slurm/etc/slurm.conf   # printed at the end
 #   tests/slurm/stop_local_slurm.sh           # stop every daemon this script started, by PID
 #
-# Installs Debian's slurm (22.05) + munge + slurmdbd + mariadb when missing, writes slurm.conf and
+# Installs Debian's slurm (22.05) + munge + slurmdbd + mariadb when missing (tests/system/install_slurm.sh), writes slurm.conf and
 # slurmdbd.conf under the state dir ($PIPELINE_SLURM_DIR, default /tmp/pipeline-slurm), and starts
 # munged, a private mariadbd, slurmdbd, slurmctld and one slurmd per node (Debian's build has
 # MULTIPLE_SLURMD, so node1 and node2 share this host). Accounting is on because submitit reads job
@@ -30,19 +30,9 @@ die() { echo "[local-slurm] ERROR: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (the daemons run as SlurmUser=root)"
 
 install_packages() {
-    local missing=()
-    for bin in munged slurmctld slurmd slurmdbd sinfo sacctmgr mariadbd mariadb-install-db; do
-        command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
-    done
-    [ ${#missing[@]} = 0 ] && return 0
-    log "installing slurm, munge, slurmdbd and mariadb (missing: ${missing[*]})"
-    local pkgs=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q --no-install-recommends "${pkgs[@]}" </dev/null >"$STATE/apt.log" 2>&1; then
-        apt-get update -q </dev/null >>"$STATE/apt.log" 2>&1 || true
-        apt-get install -y -q --no-install-recommends "${pkgs[@]}" </dev/null >>"$STATE/apt.log" 2>&1 \
-            || die "apt-get could not install ${pkgs[*]} (see $STATE/apt.log)"
-    fi
+    # `make system-deps` installs them before the suite; this covers running the script on its own.
+    bash "$(dirname "${BASH_SOURCE[0]}")/../system/install_slurm.sh" >"$STATE/apt.log" 2>&1 \
+        || die "apt-get could not install Debian's slurm packages (see $STATE/apt.log)"
 }
 
 # alive NAME: the daemon whose PID this script recorded is still running

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install Debian's chromium for the browser tests (Playwright drives it via executable_path;
 # `playwright install` downloads its own build and cannot work offline). Idempotent: does
-# nothing when chromium is already there. Needs root (CI runs as root).
+# nothing when chromium is already there. Needs root (CI runs as root); as another user it says
+# what to run and exits 0, and the browser test then skips with that reason.
 set -euo pipefail
 
 if command -v chromium >/dev/null 2>&1; then
@@ -9,8 +10,9 @@ if command -v chromium >/dev/null 2>&1; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
-    echo "chromium is missing and this is not root: run 'sudo apt-get install -y --no-install-recommends chromium'" >&2
-    exit 1
+    echo "skipping the chromium install (not root): run 'sudo apt-get install -y --no-install-recommends chromium'" \
+        "for the browser test"
+    exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
 # Update the package lists only when a first install attempt cannot find the package.

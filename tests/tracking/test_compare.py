@@ -117,7 +117,8 @@ def chromium() -> str:
         out = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
         path = shutil.which("chromium")
         if path is None:
-            pytest.skip(f"chromium could not be installed ({script} exited {out.returncode}: {out.stderr[-500:]})")
+            said = (out.stdout + out.stderr)[-500:]
+            pytest.skip(f"chromium could not be installed ({script} exited {out.returncode}: {said})")
     return path
 
 
