@@ -7,7 +7,6 @@ checkpoint and the tracker's ``tracking.json`` for the MLflow run id. No submiti
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,28 +22,19 @@ from launch.jobfile import (
     read_job_file,
     update_job_file,
 )
+from pipeline.proc import pid_alive
 
 FINAL = cluster.FINAL_STATES | {"KILLED"}
 # SLURM states in which a job was stopped from outside rather than failing by itself.
 _STOPPED = frozenset({"CANCELLED", "PREEMPTED", "TIMEOUT", "DEADLINE"})
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def _local_state(job: dict[str, Any], attempts: list[dict[str, Any]]) -> str:
     """A local job's id is its controller's PID: alive means running; else the last attempt's result."""
-    if job["job_id"].isdigit() and _pid_alive(int(job["job_id"])) and not _finished(attempts):
+    if job["job_id"].isdigit() and pid_alive(int(job["job_id"])) and not _finished(attempts):
         return "RUNNING"
     if not attempts:
-        return "FAILED (no rank started)" if not _pid_alive(int(job["job_id"])) else "PENDING"
+        return "FAILED (no rank started)" if not pid_alive(int(job["job_id"])) else "PENDING"
     states = {"completed": "COMPLETED", "preempted": "PREEMPTED", "failed": "FAILED", "killed": "KILLED"}
     states["cancelled"] = "CANCELLED"
     return states.get(attempts[-1].get("result", ""), "FAILED (ended without a result)")

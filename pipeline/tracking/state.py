@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.proc import pid_alive
 from pipeline.tracking.naming import TRACKING_STATE_FILE, read_tracking_state
 
 log = logging.getLogger(__name__)
@@ -226,17 +227,5 @@ class RunDirLease:
         if self.me["job_id"] and holder.get("job_id") == self.me["job_id"]:
             return True  # a requeue of the same job: the old incarnation is gone
         if holder.get("host") == self.me["host"]:
-            return holder.get("pid") == self.me["pid"] or not _pid_alive(int(holder.get("pid", 0)))
+            return holder.get("pid") == self.me["pid"] or not pid_alive(int(holder.get("pid", 0)))
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from pipeline.proc import pid_alive, pid_start
 from pipeline.train.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
@@ -91,23 +92,9 @@ def this_process(token: str, role: Literal["launcher", "job"], *, executor: str 
     now = time.time()
     pid = os.getpid()
     return Holder(
-        token=token, role=role, user=getpass.getuser(), host=socket.gethostname(), pid=pid, pid_start=_pid_start(pid),
+        token=token, role=role, user=getpass.getuser(), host=socket.gethostname(), pid=pid, pid_start=pid_start(pid),
         executor=executor, job_id=job_id, since=since or now, heartbeat=now,
     )  # fmt: skip
-
-
-def _pid_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    now = _pid_start(pid)
-    return now is not None and (start is None or now == start)
 
 
 def read(run_dir: Path) -> Holder | None:
@@ -134,7 +121,7 @@ def holder_gone(h: Holder, probe: JobProbe | None = None) -> bool | None:
     pids = [(h.pid, h.pid_start)] if h.pid else []
     if h.executor == "local" and (h.job_id or "").isdigit():
         pids.append((int(h.job_id), None))  # submitit's local controller; it outlives a requeue
-    return not any(_alive(pid, start) for pid, start in pids) if pids else None
+    return not any(pid_alive(pid, start) for pid, start in pids) if pids else None
 
 
 def stale_reason(h: Holder, probe: JobProbe | None = None, now: float | None = None) -> str | None:

@@ -59,12 +59,16 @@ class ResumePlan:
         return self.steps[0] != self.steps[1]
 
 
-def plan_resume(saved: dict[str, Any], cfg: Config, *, saved_world_size: int, world_size: int, step: int) -> ResumePlan:
+def plan_resume(
+    saved: dict[str, Any] | None, cfg: Config, *, saved_world_size: int, world_size: int, step: int
+) -> ResumePlan:
     """Compare ``cfg`` with the checkpoint's resolved config ``saved`` (trainer_state.json's "config").
 
     Raises ResumeRefused naming every refused key; otherwise returns the global batch to keep and a
     note per honoured change. ``step`` is the checkpoint's step (for the train.steps rule).
     """
+    if not isinstance(saved, dict):
+        return _unchecked(cfg, world_size)
     old_cfg = config_from_dict(saved, source="the checkpoint's trainer_state.json")
     old, new = flatten(old_cfg), flatten(cfg)
     safe, notes, refused = [], [], []
@@ -93,6 +97,18 @@ def plan_resume(saved: dict[str, Any], cfg: Config, *, saved_world_size: int, wo
             f"{world_size} ranks (saved as {was.micro_batch_size} x {was.grad_accum} x {saved_world_size} ranks)"
         )
     return ResumePlan(global_batch_size=gb, steps=steps, safe=safe, notes=notes)
+
+
+def _unchecked(cfg: Config, world_size: int) -> ResumePlan:
+    """A checkpoint whose trainer_state.json records no config (written by hand or by a foreign tool)."""
+    note = (
+        "the checkpoint's trainer_state.json records no config: changed keys cannot be checked, and the "
+        "global batch is this config's"
+    )
+    steps = (cfg.train.steps, cfg.train.steps)
+    return ResumePlan(
+        global_batch_size=cfg.batch_plan(world_size).global_batch_size, steps=steps, safe=[], notes=[note]
+    )
 
 
 def _refusal(refused: list[tuple[str, Any, Any]]) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.proc import pid_start
 from pipeline.train import lease
 from pipeline.train.lease import STALE_AFTER_S, HeldLease, RunDirBusy, acquire, read, release, this_process
 
@@ -73,7 +74,7 @@ def test_dead_holder_with_an_old_heartbeat_is_taken_over(tmp_path: Path, caplog:
     # A pid that lives on but belongs to another process (reused) is gone too: its start time differs.
     reused = replace(dead, token="reused", pid=os.getpid(), pid_start="0")
     assert lease.holder_gone(reused) is True
-    assert lease.holder_gone(replace(reused, pid_start=lease._pid_start(os.getpid()))) is False
+    assert lease.holder_gone(replace(reused, pid_start=pid_start(os.getpid()))) is False
 
 
 def test_unverifiable_holder_is_respected_until_its_heartbeat_is_old(tmp_path: Path) -> None:
