@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.proc import pid_alive
 from pipeline.tracking import find_run
 from tests.launch.conftest import REPO, SUBMIT, run_launcher, smoke_args, submitted_job_id
 
@@ -66,14 +67,6 @@ def _rank_pid(controller: int, rank: int) -> int | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
-
-
 def _wait(cond: object, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():  # type: ignore[operator]
@@ -105,7 +98,7 @@ def test_rank_0_sigkilled_the_next_status_marks_attempt_and_mlflow_run_killed(
     assert rank0 is not None
     assert find_run(run_dir).status == "RUNNING"
     os.kill(rank0, signal.SIGKILL)
-    _wait(lambda: not _alive(int(job_id)), 120, "the local job to end after rank 0 was killed")
+    _wait(lambda: not pid_alive(int(job_id)), 120, "the local job to end after rank 0 was killed")
 
     job = json.loads((run_dir / "job.json").read_text())
     assert "ended" not in job["attempts"][0]  # nobody closed it: the job is gone, job.json says running
