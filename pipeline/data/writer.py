@@ -57,6 +57,7 @@ from pipeline.data.sources import (
     render_all,
 )
 from pipeline.data.synthetic import class_names, draw
+from pipeline.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +100,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _fsync_dir(path: Path) -> None:
-    # pipeline/train/checkpoint.py:fsync_path does this one layer up; data must not import train.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
     """A fresh directory beside ``out``: renamed to ``out`` if the block ends normally, else removed."""
@@ -127,7 +119,7 @@ def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
     restore = _sigterm_as_exit()
     try:
         yield tmp
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         _check_out(target, overwrite)  # again: another write may have finished there meanwhile
         _swap_in(tmp, target)
     except BaseException:  # also Ctrl-C and SIGTERM (below): nothing half-written stays behind
@@ -149,7 +141,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
 
 
 def _sigterm_as_exit() -> Callable[[], None]:
