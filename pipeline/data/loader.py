@@ -46,7 +46,9 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import select
 import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -65,6 +67,7 @@ from pipeline.data.plan import EpochPlan, PastSplit, consumed_by_worker, emissio
 from pipeline.data.preflight import check_geometry
 from pipeline.data.tario import SKIP_KINDS, RawSample, ReaderCache
 from pipeline.data.transforms import CropDraws, Decoder, Normalize, batch_tensor, crop_resize, eval_box
+from pipeline.proc import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +126,42 @@ def _on_worker_sigterm(shutting_down: Any) -> Any:
     return handler
 
 
-def worker_signals(worker_id: int, shutting_down: Any) -> None:
+def worker_signals(worker_id: int, shutting_down: Any, trainer_pid: int | None = None) -> None:
     """DataLoader workers survive the job's signals; only their own training process ends them.
 
     SLURM signals every process of a job step. A worker that died on SLURM's SIGTERM (which
     submitit ignores in the main process) would crash the rank before it could save on the USR2
     that follows; one that inherited the requeue handler could requeue the job itself. So workers
-    ignore USR2, and exit on SIGTERM only once their training process has begun shutting them down.
+    ignore USR2, and exit on SIGTERM only once their training process has begun shutting them down,
+    or once that process is gone (``trainer_pid``: see _exit_with).
     """
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_worker_sigterm(shutting_down))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _JOB_SIGNALS)  # inherited blocked from the forkserver
+    if trainer_pid is not None:
+        threading.Thread(target=_exit_with, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker as soon as process ``pid`` (its training process) has ended, however it ended.
+
+    torch's own check compares the worker's parent with the one it started under, and a worker's
+    parent is the forkserver, not the training process. A SIGKILLed rank (torchrun stopping a
+    failed job, the OOM killer) therefore left its workers running, and they in turn kept the
+    forkserver and the resource tracker alive (each holds the pipes whose closing ends those two):
+    three orphans per rank, holding the job's stdout open so that whoever waits for its end waits
+    forever. A pidfd becomes readable when its process exits, without polling.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)  # gone before this worker started
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
+        while pid_alive(pid):
+            threading.Event().wait(1.0)
+        os._exit(0)
+    select.select([fd], [], [])
+    os._exit(0)
 
 
 def _data_loader(stream: IterableDataset, workers: int, prefetch_factor: int) -> DataLoader:
@@ -142,7 +170,9 @@ def _data_loader(stream: IterableDataset, workers: int, prefetch_factor: int) ->
     if workers > 0:
         options = {
             "multiprocessing_context": _CONTEXT,
-            "worker_init_fn": functools.partial(worker_signals, shutting_down=_shutting_down()),
+            "worker_init_fn": functools.partial(
+                worker_signals, shutting_down=_shutting_down(), trainer_pid=os.getpid()
+            ),
             "persistent_workers": True,  # evaluation runs many times: keep its workers
             "prefetch_factor": prefetch_factor,
         }

@@ -65,3 +65,36 @@ def test_a_failing_process_still_exits(synthetic_shards: Path) -> None:
                           timeout=50)  # fmt: skip
     assert proc.returncode == 1 and "training failed with the workers still running" in proc.stderr
     assert time.monotonic() - t0 < 45
+
+
+WAITING = """
+import sys, time
+from pipeline.config import DataConfig
+from pipeline.data import build_loader
+loader = build_loader(DataConfig(path=sys.argv[1], num_workers=2), rank=0, world_size=1, batch_size=8,
+                      image_size=(32, 32), seed=0)
+it = iter(loader)
+next(it)
+print("serving", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_sigkilled_process_leaves_no_helper_holding_its_output(synthetic_shards: Path) -> None:
+    # torchrun SIGKILLs a rank that outlives its grace period; its workers, forkserver and resource
+    # tracker used to live on, holding stdout open, so a caller waiting for the job's output hung.
+    proc = subprocess.Popen([sys.executable, "-c", WAITING, str(synthetic_shards)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "serving\n"
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        kinds = sorted("forkserver" if "forkserver" in " ".join(p.cmdline()) else "tracker" for p in helpers)
+        assert kinds.count("forkserver") == 3 and len(helpers) == 4  # server + 2 workers, resource tracker
+        proc.kill()
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(helpers, timeout=15)
+        assert [p.pid for p in alive] == []
+        assert proc.stdout.read() == ""  # EOF: nobody holds the pipe any more
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            if p.pid != os.getpid():
+                p.kill()
