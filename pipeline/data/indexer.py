@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import itertools
 import mmap
 import multiprocessing as mp
 import os
@@ -34,7 +35,16 @@ from tqdm import tqdm
 
 from pipeline.data.errors import PreflightError
 from pipeline.data.index import CLS_LABELS, INDEX_NAME, DataIndex, LabelSpec, ShardInfo, SplitInfo, write_index
-from pipeline.data.tario import IMAGE_EXTS, TarBroken, TarHeaders, cls_value, label_value, split_name
+from pipeline.data.tario import (
+    IMAGE_EXTS,
+    Members,
+    TarBroken,
+    TarHeaders,
+    cls_value,
+    label_value,
+    plain_members,
+    split_name,
+)
 
 _MAX_LABEL_BYTES = 1 << 20  # a label member larger than this is not a label
 _TAG_HOLDOUT = 0x4E1D
@@ -92,46 +102,61 @@ def _mapped(f: BinaryIO, size: int) -> Iterator[BinaryIO]:
 
 
 def _walk(f, scan: ShardScan, label: LabelSpec) -> None:
-    headers, seen = TarHeaders(f), set()
-    key, exts, raw = None, set(), None
+    """Group the members into samples (runs of one key) and count them; list operations where they can be."""
+    names, offsets, sizes = _members(f, scan)
+    if scan.error is not None or not names:
+        return
+    keys, exts = zip(*map(split_name, names), strict=True)
+    scan.members.update(exts)
+    firsts = [0, *(i for i in range(1, len(keys)) if keys[i] != keys[i - 1]), len(keys)]
+    seen: set[str] = set()
+    label_ext = label.member
+    for first, end in itertools.pairwise(firsts):
+        key = keys[first]
+        if key in seen:
+            scan.error = (
+                f"the members of sample {key!r} are not consecutive (a webdataset sample is a run of members "
+                f"sharing a key): re-create the tar with sorted names, e.g. `tar --sort=name -cf ...`"
+            )
+            return
+        seen.add(key)
+        raw = None
+        for i in range(end - 1, first - 1, -1):  # the last label member of the sample counts
+            if exts[i] == label_ext and sizes[i] <= _MAX_LABEL_BYTES:
+                f.seek(offsets[i])
+                raw = f.read(sizes[i])
+                break
+        _close_sample(scan, key, set(exts[first:end]), raw, label)
+
+
+def _members(f, scan: ShardScan) -> Members:
+    """The shard's members as columns: all at once on the fast path, else header by header (a damaged
+    shard's error, where the walk stopped, goes to ``scan.error``)."""
+    plain = plain_members(f) if isinstance(f, mmap.mmap) else None
+    if plain is not None:
+        return plain
+    found, headers = [], TarHeaders(f)
     while True:
         try:
             member = headers.next()
         except (TarBroken, ValueError) as e:
             scan.error = f"{'not a tar archive: ' if headers.pos == 0 else 'damaged: '}{e}"
-            return
-        mkey, ext = split_name(member.name) if member is not None else (None, "")
-        if mkey != key and key is not None:
-            _close_sample(scan, key, exts, raw, label)
+            member = None
         if member is None:
-            return
-        if mkey != key:
-            if mkey in seen:
-                scan.error = (
-                    f"the members of sample {mkey!r} are not consecutive (a webdataset sample is a run of members "
-                    f"sharing a key): re-create the tar with sorted names, e.g. `tar --sort=name -cf ...`"
-                )
-                return
-            seen.add(mkey)
-            key, exts, raw = mkey, set(), None
-        exts.add(ext)
-        scan.members[ext] += 1
-        if ext == label.member and member.size <= _MAX_LABEL_BYTES:
-            f.seek(member.offset)
-            raw = f.read(member.size)
+            return Members(*(list(column) for column in zip(*found, strict=True))) if found else Members([], [], [])
+        found.append(member)
 
 
 def _close_sample(scan: ShardScan, key: str, exts: set[str], raw: bytes | None, label: LabelSpec) -> None:
     scan.samples += 1
-    value = _label_of(raw, label) if label.kind != "none" else None
-    if label.kind != "none" and value is None:
+    if label.kind == "none":
+        scan.unlabeled += 1  # an unlabeled data set: every sample
+    elif (value := _label_of(raw, label)) is None:
         scan.unlabeled += 1
         _example(scan, f"{key} (no usable {label.describe()})")
-    elif value is not None:
-        scan.labels[value] += 1
     else:
-        scan.unlabeled += 1  # an unlabeled data set: every sample
-    if not exts.intersection(IMAGE_EXTS):
+        scan.labels[value] += 1
+    if exts.isdisjoint(IMAGE_EXTS):
         scan.no_image += 1
         _example(scan, f"{key} (no {'/'.join(IMAGE_EXTS)} member, has {'/'.join(sorted(exts))})")
 

@@ -13,13 +13,17 @@ The outcome for a given file is deterministic, which is what keeps resume exact 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import mmap
 import os
 import struct
 import zlib
 from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple
+
+import numpy as np
 
 from pipeline.data.index import CLS_LABELS, LabelSpec
 
@@ -46,9 +50,12 @@ class RawSample(NamedTuple):
 
 def split_name(name: str) -> tuple[str, str]:
     """``dir/abc.seg.jpg`` -> (``dir/abc``, ``seg.jpg``): the key ends at the first dot of the base name."""
+    if "/" not in name:  # the usual case, ~2x cheaper
+        stem, _, ext = name.partition(".")
+        return stem, ext.lower()
     head, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
+    return f"{head}/{stem}", ext.lower()
 
 
 class TarBroken(Exception):
@@ -81,19 +88,28 @@ def _number_slow(field: bytes) -> int:
 
 
 class TarHeaders:
-    """Walks a tar file's headers: ``next()`` gives the next regular file member, None at the end."""
+    """Walks a tar file's headers: ``next()`` gives the next regular file member, None at the end.
 
-    def __init__(self, f: BinaryIO) -> None:
+    ``f`` is an open file or, faster, an ``mmap`` of one (a header is then one slice, no system call).
+    """
+
+    def __init__(self, f: BinaryIO | mmap.mmap) -> None:
         self.f = f
         self.pos = 0  # of the next header
+        self._mapped = isinstance(f, mmap.mmap)
+
+    def _read(self, start: int, size: int) -> bytes:
+        if self._mapped:
+            return self.f[start : start + size]
+        self.f.seek(start)
+        return self.f.read(size)
 
     def next(self) -> Member | None:
         pax: dict[str, str] = {}
         long_name = ""
         while True:
             start = self.pos
-            self.f.seek(start)
-            block = self.f.read(512)
+            block = self._read(start, 512)
             if len(block) < 512:
                 where = "inside a header" if block else "without an end-of-archive marker"
                 raise TarBroken(f"the file ends at byte {start + len(block)}, {where}")
@@ -105,13 +121,13 @@ class TarHeaders:
                 size = _number(size_field)
             except ValueError:
                 raise TarBroken(f"no tar header at byte {start}") from None
-            if not _checksum_ok(memoryview(block), stored):
+            if not _checksum_ok(block, stored_field, stored):
                 raise TarBroken(f"bad header checksum at byte {start}")
             if pax:
                 size = int(pax.get("size", size))
             self.pos = start + 512 + (size + 511) // 512 * 512
             if kind in b"xgL":
-                data = self.f.read(size)
+                data = self._read(start + 512, size)
                 if kind == b"x" and (b" path=" in data or b" size=" in data):  # else only times etc.: not needed
                     pax.update(_pax_records(data))
                 elif kind == b"L":
@@ -128,19 +144,108 @@ class TarHeaders:
             return Member(path, start + 512, size)
 
 
-def _checksum_ok(view: memoryview, stored: int) -> bool:
-    """``stored == sum(block)`` with the checksum field counted as 8 spaces, without a Python loop per byte.
+def _checksum_ok(block: bytes, field: bytes, stored: int) -> bool:
+    """The header's byte sum, its checksum field counted as 8 spaces, equals ``stored`` (mod 65,521).
 
-    ``sum(block)`` iterates 512 ints in Python, most of a header's parse cost. adler32's low half is
-    1 + the byte sum mod 65521, and each of the three pieces around the checksum field (bytes 148-156)
-    sums to less than 65,521: three C calls give the exact sum.
+    One C call instead of a Python loop over 512 bytes (most of a header's cost): adler32's low half
+    is 1 + the byte sum mod 65,521. A header sums to at most 130,560, so damage passes only if it
+    moves the sum by exactly 65,521, which takes more than 256 changed bytes.
     """
-    total = (
-        (zlib.adler32(view[:148]) & 0xFFFF)
-        + (zlib.adler32(view[156:400]) & 0xFFFF)
-        + (zlib.adler32(view[400:]) & 0xFFFF)
-    )
-    return total - 3 + 8 * 32 == stored
+    return ((zlib.adler32(block) & 0xFFFF) - 1 - sum(field) + 256 - stored) % 65521 == 0
+
+
+# Type flags of plain ustar members, as lookup tables: regular files; links, devices and directories
+# (passed over, as TarHeaders does); pax headers (only those carrying times etc.: see _plain_checks).
+_REGULAR, _KNOWN = np.zeros(256, bool), np.zeros(256, bool)
+_REGULAR[[0, ord("0"), ord("7")]] = True
+_KNOWN[[0, *b"01234567x"]] = True
+_PAX = ord("x")
+_OCTAL_6 = 8 ** np.arange(5, -1, -1)
+_USTAR = np.frombuffer(b"ustar", np.uint8)
+
+
+class Members(NamedTuple):
+    """An archive's regular-file members as columns: names, data offsets, sizes."""
+
+    names: list[str]
+    offsets: list[int]
+    sizes: list[int]
+
+
+def plain_members(view: mmap.mmap) -> Members | None:
+    """The regular-file members of an archive of plain ustar headers, checked all at once; None otherwise.
+
+    The fast path of indexing, several times cheaper per header than :class:`TarHeaders`: the walk
+    from header to header reads only each size field, then numpy checks every header's magic, type
+    flag and checksum together, reading no byte beyond the headers (and each pax header's record).
+    Anything it does not cover returns None, and the caller walks with :class:`TarHeaders` (the same
+    members, and the exact error for a damaged archive): GNU long names, a ustar name prefix, pax
+    records that set a path or size, global pax headers, base-256 sizes, no end-of-archive marker.
+    """
+    starts, sizes, pos = [], [], 0
+    start, sized = starts.append, sizes.append
+    with contextlib.suppress(ValueError):  # the end-of-archive block (no digits), or something else: see below
+        while True:
+            size = int(view[pos + 124 : pos + 135], 8)  # 11 octal digits and a NUL
+            start(pos)
+            sized(size)
+            pos += 512 + (size + 511) // 512 * 512
+    if not starts or pos > len(view) - 512 or view[pos : pos + 512] != _ZERO_BLOCK:
+        return None
+    blocks = np.frombuffer(view, np.uint8, count=len(view) // 512 * 512).reshape(-1, 512)
+    try:
+        found = Members([], [], [])
+        for chunk in range(0, len(starts), _CHUNK):
+            part = _plain_chunk(view, blocks, starts[chunk : chunk + _CHUNK], sizes[chunk : chunk + _CHUNK])
+            if part is None:
+                return None
+            for column, more in zip(found, part, strict=True):
+                column.extend(more)
+        return found
+    finally:
+        del blocks  # the map must not stay exported: the caller closes it
+
+
+_CHUNK = 1 << 15  # headers checked together: 16 MiB of copies, whatever the shard's size
+
+
+def _plain_chunk(view: mmap.mmap, blocks: np.ndarray, starts: list[int], sizes: list[int]) -> Members | None:
+    at, size = np.asarray(starts) // 512, np.asarray(sizes)
+    heads = blocks[at]  # a copy: only header blocks are read
+    pax = heads[:, 156] == _PAX
+    pax_data = b"".join([view[starts[i] + 512 : starts[i] + 512 + sizes[i]] for i in np.flatnonzero(pax).tolist()])
+    regular = np.flatnonzero(_REGULAR[heads[:, 156]])
+    if not _plain_checks(heads, pax_data, size[pax]) or heads[regular, 345].any():  # 345: a ustar prefix
+        return None
+    names = _names(heads[regular, :101])
+    if names is None:
+        return None
+    return Members(names, (at[regular] * 512 + 512).tolist(), size[regular].tolist())
+
+
+def _names(fields: np.ndarray) -> list[str] | None:
+    """Decoded names from the 100-byte name fields (plus one byte); None if a name is empty or has
+    bytes after its NUL (TarHeaders reads a name up to the NUL)."""
+    fields[:, 100] = 0  # a separator after each name (the copy's first byte of the mode field)
+    keep = fields != 0
+    if not (keep[:, 0].all() and (keep[:, 1:100] <= keep[:, :99]).all()):
+        return None
+    keep[:, 100] = True
+    return fields[keep].tobytes().decode("utf-8", "replace").split("\0")[:-1]
+
+
+def _plain_checks(heads: np.ndarray, pax_data: bytes, pax_sizes: np.ndarray) -> bool:
+    """Known type flags, ustar magic, field ends, checksums (6 octal digits, NUL or space), harmless pax."""
+    if not _KNOWN[heads[:, 156]].all() or not (heads[:, 257:262] == _USTAR).all():
+        return False
+    ends = heads[:, [135, 154]]  # the walk read 11 size digits: the 12th byte must end the field
+    digits = heads[:, 148:154].astype(np.int64) - ord("0")
+    if ((ends != 0) & (ends != 32)).any() or ((digits < 0) | (digits > 7)).any():
+        return False
+    field_sum = heads[:, 148:156].sum(axis=1, dtype=np.int64)
+    if not (heads.sum(axis=1, dtype=np.int64) - field_sum + 8 * 32 == digits @ _OCTAL_6).all():
+        return False
+    return bool((pax_sizes <= 512).all()) and b" path=" not in pax_data and b" size=" not in pax_data
 
 
 def _pax_records(data: bytes) -> dict[str, str]:

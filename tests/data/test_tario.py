@@ -161,3 +161,84 @@ def test_reader_understands_pax_and_gnu_long_names(tmp_path, fmt):
         (long_key, 2, b"jpeg bytes", None),
         ("short", 1, b"jpeg bytes", None),
     ]
+
+
+def _walked(path: Path) -> list[tuple[str, int, int]] | str:
+    """Every member by the header-by-header walk, or the error it stops with."""
+    from pipeline.data.tario import TarBroken, TarHeaders
+
+    out, headers = [], None
+    with open(path, "rb") as f:
+        headers = TarHeaders(f)
+        try:
+            while (m := headers.next()) is not None:
+                out.append(tuple(m))
+        except TarBroken as e:
+            return str(e)
+    return out
+
+
+def _plain(path: Path) -> list[tuple[str, int, int]] | None:
+    import mmap
+
+    from pipeline.data.tario import plain_members
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        found = plain_members(view)
+    return None if found is None else list(zip(*found, strict=True))
+
+
+def _archive(path: Path, fmt: int, names: list[str], mtime: float = 7.0) -> Path:
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i, name in enumerate(names):
+            data = f"{i}".encode() * (i * 37 % 900)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            tf.addfile(info, io.BytesIO(data))
+        directory = tarfile.TarInfo("a-directory")
+        directory.type = tarfile.DIRTYPE
+        tf.addfile(directory)
+    return path
+
+
+def test_the_indexers_fast_path_finds_what_the_header_walk_finds_or_steps_aside(tmp_path: Path) -> None:
+    import subprocess
+
+    names = [f"s{i:04d}.{ext}" for i in range(40) for ext in ("cls", "jpg", "json")]
+    covered = {  # what ShardWriter (pax, float mtime), Python's ustar/GNU and GNU tar itself write
+        "shardwriter": _archive(tmp_path / "sw.tar", tarfile.PAX_FORMAT, names, mtime=1.25),
+        "ustar": _archive(tmp_path / "ustar.tar", tarfile.USTAR_FORMAT, names),
+        "gnu": _archive(tmp_path / "gnu.tar", tarfile.GNU_FORMAT, names),
+    }
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(names[:30]):
+        (src / name).write_bytes(b"x" * (i * 101))
+    for fmt in ("gnu", "posix", "ustar"):
+        out = covered[f"gnu tar --format={fmt}"] = tmp_path / f"tar-{fmt}.tar"
+        subprocess.run(["tar", f"--format={fmt}", "--sort=name", "-C", str(src), "-cf", str(out), "."], check=True)
+    for what, path in covered.items():
+        walked = _walked(path)
+        assert isinstance(walked, list) and len(walked) >= 30, what
+        assert _plain(path) == walked, what
+
+    long = [f"{'d' * 90}/{'k' * 30}.{ext}" for ext in ("cls", "jpg")]  # a ustar prefix / a long name
+    aside = {
+        "pax path": _archive(tmp_path / "pax-long.tar", tarfile.PAX_FORMAT, [*names[:3], "é" * 120 + ".jpg"]),
+        "gnu long name": _archive(tmp_path / "gnu-long.tar", tarfile.GNU_FORMAT, [*names[:3], "x" * 120 + ".jpg"]),
+        "ustar prefix": _archive(tmp_path / "prefix.tar", tarfile.USTAR_FORMAT, long),
+    }
+    for what, path in aside.items():
+        assert _plain(path) is None, what
+        assert isinstance(_walked(path), list), what
+
+    flipped = tmp_path / "flipped.tar"  # one byte of the 10th header's name: its checksum fails
+    flipped.write_bytes(covered["ustar"].read_bytes())
+    with open(flipped, "r+b") as f:
+        f.seek(sample_member(flipped, 3, "cls").offset + 5)
+        f.write(b"?")
+    cut = tmp_path / "cut.tar"  # no end-of-archive marker
+    cut.write_bytes(covered["ustar"].read_bytes()[: sample_member(covered["ustar"], 30, "jpg").offset_data + 512])
+    for path in (flipped, cut):
+        assert _plain(path) is None
+        assert isinstance(_walked(path), str)

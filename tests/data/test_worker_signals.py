@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -84,6 +85,7 @@ def test_a_sigkilled_process_leaves_no_helper_holding_its_output(synthetic_shard
     # torchrun SIGKILLs a rank that outlives its grace period; its workers, forkserver and resource
     # tracker used to live on, holding stdout open, so a caller waiting for the job's output hung.
     proc = subprocess.Popen([sys.executable, "-c", WAITING, str(synthetic_shards)], stdout=subprocess.PIPE, text=True)
+    helpers: list[psutil.Process] = []
     try:
         assert proc.stdout.readline() == "serving\n"
         helpers = psutil.Process(proc.pid).children(recursive=True)
@@ -95,6 +97,6 @@ def test_a_sigkilled_process_leaves_no_helper_holding_its_output(synthetic_shard
         assert [p.pid for p in alive] == []
         assert proc.stdout.read() == ""  # EOF: nobody holds the pipe any more
     finally:
-        for p in psutil.Process().children(recursive=True):
-            if p.pid != os.getpid():
+        for p in [*helpers, psutil.Process(proc.pid)] if proc.poll() is None else helpers:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
