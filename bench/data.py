@@ -146,9 +146,8 @@ def index_bench(shards: int, per_shard: int, repeat: int, big: int) -> None:
                 best[name] = min(best[name], timed(fn, 1))
         rows = list(best.items())
         size = sum(p.stat().st_size for p in paths) / 2**20
-    print(
-        f"\nindexing {shards} shards x {per_shard} samples ({members} members, {size:.0f} MiB), best of {repeat} interleaved rounds"
-    )
+    what = f"{shards} shards x {per_shard} samples ({members} members, {size:.0f} MiB)"
+    print(f"\nindexing {what}, best of {repeat} interleaved rounds")
     print("| method | wall s | CPU s | shards/s | members/s | speed / tar -tf (wall) |\n|---|---|---|---|---|---|")
     for name, (s, cpu) in rows:
         print(f"| {name} | {s:.3f} | {cpu:.3f} | {shards / s:.0f} | {members / s:.0f} | {rows[0][1][0] / s:.2f}x |")

@@ -12,7 +12,7 @@ Prints one table of ratios measured side by side in this one run:
   = the checksum function replaced by a no-op), medians of the save times; goal < 5 % more. Also
   the resume-time verification: both ranks checksum their own files in parallel, GB/s.
 - MLflow logging time per step / step time (a real tracker against a local `mlflow server`, 5
-  metrics logged every step, pipeline.tracking.bench). Goal < 1 %.
+  metrics logged every step, bench/tracking.py). Goal < 1 %.
 - tiny-ViT (configs/smoke.yaml) optimizer steps/s with 2 CPU ranks (torchrun, gloo, ZeRO-2).
 """
 
@@ -194,8 +194,9 @@ def steps_per_second(shards: Path, work: Path, steps: int) -> float:
 
 
 def mlflow_overhead(steps: int) -> dict[str, float]:
-    """pipeline.tracking.bench against a real local `mlflow server` (what jobs on a cluster talk to)."""
-    from pipeline.tracking.bench import run
+    """bench/tracking.py against a real local `mlflow server` (what jobs on a cluster talk to)."""
+    from tracking import run  # bench/tracking.py, beside this file
+
     from pipeline.tracking.server import ServerSpec, free_port, start_server, stop_server
 
     with tempfile.TemporaryDirectory() as root:

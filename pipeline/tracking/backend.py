@@ -262,7 +262,7 @@ class SystemMetrics:
     def ensure_running(self) -> None:
         if self._starting is not None and self._starting.is_alive():
             return
-        if self._monitor is not None and self._monitor._process is not None and self._monitor._process.is_alive():
+        if self._monitor is not None and monitor_running(self._monitor):
             return
         self._starting = threading.Thread(target=self._start, name="tracking-sysmetrics-start", daemon=True)
         self._starting.start()
@@ -287,7 +287,21 @@ class SystemMetrics:
         monitor = self._monitor
         if monitor is None:
             return
-        monitor._shutdown_event.set()
+        signal_monitor_stop(monitor)
         stopper = threading.Thread(target=monitor.finish, name="tracking-sysmetrics-stop", daemon=True)
         stopper.start()
         stopper.join(max(0.0, deadline - time.monotonic()))
+
+
+# MLflow's SystemMetricsMonitor has start()/finish() but no public "is it running" and no way to
+# stop its sampling thread without the blocking finish(). These two functions are the only places
+# that touch its private attributes; tests/test_library_internals.py fails loudly if they change.
+def monitor_running(monitor: Any) -> bool:
+    """The monitor's sampling thread is alive."""
+    thread = monitor._process
+    return thread is not None and thread.is_alive()
+
+
+def signal_monitor_stop(monitor: Any) -> None:
+    """Ask the sampling thread to stop at its next wake-up, without waiting (finish() then flushes)."""
+    monitor._shutdown_event.set()

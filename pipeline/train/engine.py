@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -87,10 +88,15 @@ def param_groups_of(engine: Any) -> list[dict]:
     return engine.optimizer.param_groups
 
 
+# Plain stage 0's gradient norm, measured by guard_nonfinite_grads (DeepSpeed reports none there). Kept
+# here rather than as an attribute on DeepSpeed's engine object, whose attributes are DeepSpeed's.
+_MEASURED_NORM: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
 def grad_norm(engine: Any) -> float | None:
     norm = engine.get_global_grad_norm()
     if norm is None:
-        norm = getattr(engine, "pipeline_grad_norm", None)  # plain stage 0: measured by guard_nonfinite_grads
+        norm = _MEASURED_NORM.get(engine)
     return None if norm is None else float(norm)
 
 
@@ -112,7 +118,7 @@ def guard_nonfinite_grads(engine: Any, max_norm: float) -> bool:
         return False
     params = [p for p in engine.module.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    engine.pipeline_grad_norm = float(norm)
+    _MEASURED_NORM[engine] = float(norm)
     if torch.isfinite(norm):
         return False
     for p in params:
@@ -230,12 +236,21 @@ def gathered_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     fp32 master copy lives in the optimizer: use a checkpoint export for that).
     """
     if engine.zero_optimization_stage() == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
+        sd = zero3_gathered_state_dict(engine)
     else:
         sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
     if sd is None:
         return None
     return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+
+
+def zero3_gathered_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """ZeRO-3's partitions gathered into full 16-bit tensors on rank 0 (None elsewhere); collective.
+
+    DeepSpeed's own ``save_16bit_model`` uses this private method and no public one returns the
+    dict itself; tests/test_library_internals.py fails loudly if it goes away or changes its call.
+    """
+    return engine._zero3_consolidated_16bit_state_dict()
 
 
 def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:

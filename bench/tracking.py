@@ -1,7 +1,7 @@
 """Tracking overhead: MLflow logging time per step / step time (goal: under 1%).
 
-    python -m pipeline.tracking.bench                      # a temporary local MLflow server
-    python -m pipeline.tracking.bench --uri http://host:5000 --steps 500
+    python bench/tracking.py                      # a temporary local MLflow server
+    python bench/tracking.py --uri http://host:5000 --steps 500
 
 Runs a small CPU training loop (a torch MLP) twice, without and with a tracker logging five
 metrics every step (the worst case: the engine logs every ``train.log_every`` steps), and prints
