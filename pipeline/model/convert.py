@@ -195,7 +195,10 @@ def to_timm(
         patch_size = side
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
     out = {("fc_norm" + k[4:] if fc_norm and k.startswith("norm.") else k): v for k, v in ours.items()}
-    out["patch_embed.proj.weight"] = rearrange(weight, "d (p1 p2 c) -> d c p1 p2", p1=ph, p2=pw, c=channels)
+    # contiguous: safetensors refuses to save a strided view
+    out["patch_embed.proj.weight"] = rearrange(
+        weight, "d (p1 p2 c) -> d c p1 p2", p1=ph, p2=pw, c=channels
+    ).contiguous()
     for key in [k for k in ours if k.endswith("attn.qkv.weight")]:
         proj = key.replace("qkv.weight", "proj.")
         if proj + "weight" not in ours:
@@ -275,3 +278,51 @@ def infer_vit_kwargs(state_dict: Mapping[str, torch.Tensor], *, heads: int | Non
             raise ValueError(f"heads={heads} does not divide the attention width {inner}; pick a divisor of {inner}")
         out.update(heads=heads, dim_head=inner // heads)
     return out
+
+
+# timm's VisionTransformer takes no LayerNorm eps argument; a registered variant fixes it. Its config.json
+# names such a variant as "architecture" and overrides every other argument with "model_args", so the
+# eps is chosen by the name: 1e-6 (timm's default, our presets) or 1e-5 (the seed's, torch's default;
+# timm's TinyCLIP variant builds it, and pre_norm=False below undoes that variant's extra norm).
+TIMM_ARCH_BY_EPS = {1e-6: "vit_base_patch16_224", 1e-5: "vit_xsmall_patch16_clip_224"}
+
+
+def timm_model_args(model: Mapping) -> tuple[str, dict]:
+    """timm's architecture name and ``VisionTransformer`` arguments that rebuild our model from its
+    config (a ModelConfig as a dict).
+
+    Raises LayoutError when timm cannot express it: LayerNorms around the patch projection, heads
+    narrower than ``dim / heads``, an MLP width that is not a whole ratio timm reproduces, a
+    LayerNorm eps other than those of :data:`TIMM_ARCH_BY_EPS`.
+    """
+    size = model["image_size"]
+    patch = model["patch_size"]
+    dim, heads, mlp_dim = model["dim"], model["heads"], model["mlp_dim"]
+    if model.get("patch_norm"):
+        raise LayoutError("timm's VisionTransformer has no LayerNorm around the patch projection (patch_norm)")
+    if heads * model["dim_head"] != dim:
+        raise LayoutError(f"timm splits dim {dim} into {heads} heads of {dim // heads}; this model's heads are "
+                          f"{model['dim_head']} wide")  # fmt: skip
+    if int(dim * (mlp_dim / dim)) != mlp_dim:
+        raise LayoutError(f"timm cannot rebuild an MLP of width {mlp_dim} from dim {dim}")
+    if model["layer_norm_eps"] not in TIMM_ARCH_BY_EPS:
+        raise LayoutError(
+            f"timm builds LayerNorm eps {' or '.join(map(str, TIMM_ARCH_BY_EPS))}, not {model['layer_norm_eps']}"
+        )
+    mean_pool = model["pool"] == "mean"
+    return TIMM_ARCH_BY_EPS[model["layer_norm_eps"]], {
+        "img_size": list(size) if isinstance(size, (list, tuple)) else size,
+        "patch_size": list(patch) if isinstance(patch, (list, tuple)) else patch,
+        "in_chans": model["channels"],
+        "num_classes": model["num_classes"],
+        "embed_dim": dim,
+        "depth": model["depth"],
+        "num_heads": heads,
+        "mlp_ratio": mlp_dim / dim,
+        "qkv_bias": model["qkv_bias"],
+        "class_token": model["class_token"],
+        "global_pool": "avg" if mean_pool else "token",
+        "pool_include_prefix": mean_pool and model["class_token"],  # our mean pools every token
+        "fc_norm": mean_pool and not model.get("norm_before_pool", False),
+        "pre_norm": False,
+    }

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.data import read_index
 from tests.train.conftest import REPO, assert_ok, losses, metrics, train
 
 STEPS = 20  # 360 train samples / 32 per step: the run crosses an epoch boundary at step 11
@@ -70,6 +71,27 @@ def test_shardwriter_shards_learn_and_resume_exactly(shardwriter_shards: Path, t
     a = load_file(str(reference / "export" / "model.safetensors"))
     b = load_file(str(resumed / "export" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert_timm_loads(reference / "export", list(read_index(data).classes))
+
+
+def assert_timm_loads(export: Path, names: list[str]) -> None:
+    """timm's own loader rebuilds the trained model from the export, with its preprocessing and class names."""
+    import json
+
+    import timm
+
+    from pipeline.model import ViT
+
+    meta = json.loads((export / "model.json").read_text())
+    cfg = {k: v for k, v in meta["model"].items() if k not in ("preset", "grad_checkpointing")}
+    ours = ViT(**cfg).eval()
+    ours.load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
+    theirs = timm.create_model(f"local-dir:{export / 'timm'}", pretrained=True).eval()
+    img = torch.randn(8, cfg["channels"], *theirs.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        diff = (theirs(img) - ours(img)).abs().max().item()
+    assert meta["timm"] == "written" and diff < 1e-5, diff
+    assert len(names) == 4 and list(theirs.pretrained_cfg["label_names"]) == names
 
 
 @pytest.mark.timeout(600)

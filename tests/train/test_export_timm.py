@@ -1,0 +1,92 @@
+"""Exports load in timm with timm's own loader: timm.create_model("local-dir:EXPORT/timm", pretrained=True)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.model import ViT
+from pipeline.train.export import load_export, write_export
+
+pytestmark = pytest.mark.timeout(120)
+
+DATA = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "eval_crop_pct": 0.9, "path": "/nonexistent"}
+
+
+def _ours(**changes) -> tuple[ViT, dict]:
+    arch = dict(image_size=32, patch_size=8, dim=48, depth=2, heads=3, dim_head=16, mlp_dim=96, num_classes=5,
+                qkv_bias=True, layer_norm_eps=1e-6)  # fmt: skip
+    cfg = asdict(ModelConfig(**{**arch, **changes}))
+    torch.manual_seed(0)
+    model = ViT(**{k: v for k, v in cfg.items() if k not in ("preset", "grad_checkpointing")})
+    with torch.no_grad():  # non-trivial values everywhere, LayerNorm affine included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval(), cfg
+
+
+def _export(model: ViT, cfg: dict, out: Path) -> Path:
+    return write_export(model.state_dict(), cfg, out, step=7, source="test", run_id=None, data=DATA)
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"pool": "mean"}, {"pool": "mean", "class_token": False}, {"heads": 1, "dim_head": 48}]
+)
+def test_timm_loads_the_export_with_its_own_loader_and_gives_our_logits(tmp_path: Path, changes: dict) -> None:
+    model, cfg = _ours(**changes)
+    out = _export(model, cfg, tmp_path / "export")
+    theirs = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
+    img = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        diff = (theirs(img) - model(img)).abs().max().item()
+    assert diff < 1e-5, diff
+    pc = theirs.pretrained_cfg
+    got = [list(pc["mean"]), list(pc["std"]), pc["crop_pct"], list(pc["input_size"])]
+    assert got == [[0.5, 0.4, 0.3], [0.2, 0.25, 0.3], 0.9, [3, 32, 32]]
+    assert json.loads((out / "model.json").read_text())["timm"] == "written"
+    ours_again, _ = load_export(out)  # our own layout is still what pipeline.model loads
+    assert all(torch.equal(ours_again[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_files_are_readable_by_the_group_and_others(tmp_path: Path) -> None:
+    model, cfg = _ours()
+    old = os.umask(0o022)
+    try:
+        out = _export(model, cfg, tmp_path / "export")
+    finally:
+        os.umask(old)
+    for f in ("model.safetensors", "model.json", "timm/model.safetensors", "timm/config.json"):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o644, f
+
+
+def test_what_timm_cannot_express_is_said_not_guessed(tmp_path: Path) -> None:
+    model, cfg = _ours(patch_norm=True)
+    out = _export(model, cfg, tmp_path / "patch_norm")
+    assert not (out / "timm").exists()
+    assert "no LayerNorm around the patch projection" in json.loads((out / "model.json").read_text())["timm"]
+
+    model, cfg = _ours(layer_norm_eps=1e-4)  # an eps no timm variant builds
+    out = _export(model, cfg, tmp_path / "eps")
+    assert not (out / "timm").exists()
+    assert json.loads((out / "model.json").read_text())["timm"] == (
+        "not written: timm builds LayerNorm eps 1e-06 or 1e-05, not 0.0001"
+    )
+
+
+def test_the_seeds_layer_norm_eps_is_carried_by_the_architecture_name(tmp_path: Path) -> None:
+    model, cfg = _ours(layer_norm_eps=1e-5)
+    out = _export(model, cfg, tmp_path / "export")
+    theirs = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
+    assert {m.eps for m in theirs.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    img = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        diff = (theirs(img) - model(img)).abs().max().item()
+    assert diff < 1e-5, diff
