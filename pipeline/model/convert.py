@@ -229,11 +229,24 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
     )
 
 
+# A key our own-layout export files carry besides the weights. timm's loader, pointed at such a file,
+# would reshape our 2-D patch projection as (c, p1, p2) without a word (ours is (p1, p2, c)) and load
+# wrong weights; its strict load refuses an unexpected key instead, and prints this name.
+OUR_LAYOUT_MARKER = "this_file_is_not_timm_layout.load_the_timm_folder_of_this_export"
+
+
+def without_marker(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    if OUR_LAYOUT_MARKER not in state_dict:
+        return state_dict
+    return {k: v for k, v in state_dict.items() if k != OUR_LAYOUT_MARKER}
+
+
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DeepSpeed wrappers, torch.compile
 
 
 def to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """Any known layout -> ours. A wrapper prefix shared by all keys ("module.", "_orig_mod.") is removed."""
+    state_dict = without_marker(state_dict)
     for prefix in _WRAPPER_PREFIXES:
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}

@@ -1,13 +1,17 @@
-"""Consolidated fp32 exports: one safetensors file + the model config, no DeepSpeed needed to load.
+"""Consolidated fp32 exports that load in timm and in this project, no DeepSpeed needed.
 
-    OUT/model.safetensors, OUT/model.json    our layout (pipeline.model, fine-tuning, evaluation)
-    OUT/timm/model.safetensors, config.json  timm's layout: timm.create_model("local-dir:OUT/timm", pretrained=True)
+    OUT/model.safetensors   the weights, in timm's layout (our own where timm cannot express the model)
+    OUT/config.json         timm's config: architecture, model arguments, preprocessing, class names
+    OUT/model.json          ours: the model config, step, source checkpoint, MLflow run id, layout
 
-The timm copy carries the architecture and the preprocessing (input size, mean/std, interpolation,
-crop fraction, label names) in timm's own config format, so timm loads it with its own loader and
-nothing to pass by hand. Exports can also be made from any complete sharded checkpoint after the
-fact (`python -m pipeline.train.export RUN_OR_CHECKPOINT OUT`). Every file is readable by the group
-and others (the umask permitting), like the rest of a run dir: teammates load each other's models.
+So an export folder is a timm model folder: ``timm.create_model("local-dir:OUT", pretrained=True)``
+rebuilds the model with its preprocessing, and timm's other path (its own model, this file as
+``pretrained_cfg_overlay=dict(file=...)``) loads the same weights; our layout stored there used to
+load through it silently wrong (timm reshapes a 2-D patch projection as (c, p1, p2), ours is
+(p1, p2, c)). :func:`load_export` gives our layout back whichever is stored. Exports can also be
+made from any complete sharded checkpoint after the fact (``python -m pipeline.train.export
+RUN_OR_CHECKPOINT OUT``). Files are readable by group and others (the umask permitting), like the
+rest of a run dir: teammates load each other's models.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import DataConfig
 from pipeline.data.index import read_index
-from pipeline.model.convert import LayoutError, timm_model_args, to_timm
+from pipeline.model.convert import OUR_LAYOUT_MARKER, LayoutError, timm_model_args, to_ours, to_timm
 from pipeline.train import engine as ds
 from pipeline.train.checkpoint import ResumeInfo, atomic_write, read_state, resolve_checkpoint
 
@@ -31,7 +35,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
-TIMM_DIR = "timm"
+TIMM_CONFIG = "config.json"
 
 
 def export_checkpoint(info: ResumeInfo | None, out_dir: Path, run_id: str | None = None) -> Path:
@@ -58,11 +62,15 @@ def write_export(
     run_id: str | None,
     data: dict | None = None,
 ) -> Path:
-    """Our layout, plus timm's where timm can express the model. ``data``: the run's data config (preprocessing)."""
+    """timm's layout where timm can express the model, else ours. ``data``: the run's data config."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_weights({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, out_dir / WEIGHTS)
+    ours = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     meta = {"format": 1, "model": model_cfg, "step": step, "source": source, "run_id": run_id}
-    meta["timm"] = _write_timm(state, model_cfg, data or {}, out_dir / TIMM_DIR)
+    meta["timm"] = _write_timm(ours, model_cfg, data or {}, out_dir)
+    meta["layout"] = "timm" if meta["timm"] == "written" else "ours"
+    if meta["layout"] == "ours":
+        (out_dir / TIMM_CONFIG).unlink(missing_ok=True)  # an earlier export's, now stale
+        _save_weights({**ours, OUR_LAYOUT_MARKER: torch.zeros(1)}, out_dir / WEIGHTS)
     atomic_write(out_dir / META, json.dumps(meta, indent=1, sort_keys=True))
     return out_dir
 
@@ -86,7 +94,7 @@ def _umask() -> int:
 
 
 def _write_timm(state: dict[str, torch.Tensor], model_cfg: dict, data: dict, out: Path) -> str:
-    """``out``/model.safetensors + config.json in timm's layout; what was written, or why not."""
+    """``out``/model.safetensors + config.json in timm's layout: "written", or why not."""
     try:
         architecture, args = timm_model_args(model_cfg)
         weights = to_timm(state, channels=model_cfg["channels"], patch_size=_pair(model_cfg["patch_size"]),
@@ -94,8 +102,7 @@ def _write_timm(state: dict[str, torch.Tensor], model_cfg: dict, data: dict, out
     except LayoutError as e:
         log.warning("no timm copy of this export: %s", e)
         return f"not written: {e}"
-    out.mkdir(parents=True, exist_ok=True)
-    _save_weights({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, out / WEIGHTS)
+    _save_weights({k: v.contiguous() for k, v in weights.items()}, out / WEIGHTS)
     config = {
         "architecture": architecture,
         "num_classes": model_cfg["num_classes"],
@@ -107,7 +114,7 @@ def _write_timm(state: dict[str, torch.Tensor], model_cfg: dict, data: dict, out
     names = _label_names(data, model_cfg["num_classes"])
     if names:
         config["label_names"] = names
-    atomic_write(out / "config.json", json.dumps(config, indent=1))
+    atomic_write(out / TIMM_CONFIG, json.dumps(config, indent=1))
     return "written"
 
 
@@ -149,13 +156,13 @@ def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not weights.is_file():
         raise FileNotFoundError(f"{out_dir} has no {WEIGHTS}; expected an export written by pipeline.train.export")
     meta = json.loads((out_dir / META).read_text()) if (out_dir / META).exists() else {}
-    return load_file(str(weights)), meta
+    return to_ours(load_file(str(weights))), meta  # either layout (an export from before the timm layout too)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Consolidate a sharded checkpoint into fp32 safetensors")
     parser.add_argument("checkpoint", help="a run dir, its checkpoints/ dir, or one checkpoints/step_* dir")
-    parser.add_argument("out", help="output directory (model.safetensors + model.json)")
+    parser.add_argument("out", help="output directory (model.safetensors, config.json for timm, model.json)")
     args = parser.parse_args(argv)
     out = export_checkpoint(resolve_checkpoint(args.checkpoint), Path(args.out))
     print(f"wrote {out / WEIGHTS}")

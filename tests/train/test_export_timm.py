@@ -1,4 +1,4 @@
-"""Exports load in timm with timm's own loader: timm.create_model("local-dir:EXPORT/timm", pretrained=True)."""
+"""Exports load in timm with timm's own loader: timm.create_model("local-dir:EXPORT", pretrained=True)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _export(model: ViT, cfg: dict, out: Path) -> Path:
 def test_timm_loads_the_export_with_its_own_loader_and_gives_our_logits(tmp_path: Path, changes: dict) -> None:
     model, cfg = _ours(**changes)
     out = _export(model, cfg, tmp_path / "export")
-    theirs = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
+    theirs = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     img = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         diff = (theirs(img) - model(img)).abs().max().item()
@@ -51,7 +51,7 @@ def test_timm_loads_the_export_with_its_own_loader_and_gives_our_logits(tmp_path
     pc = theirs.pretrained_cfg
     got = [list(pc["mean"]), list(pc["std"]), pc["crop_pct"], list(pc["input_size"])]
     assert got == [[0.5, 0.4, 0.3], [0.2, 0.25, 0.3], 0.9, [3, 32, 32]]
-    assert json.loads((out / "model.json").read_text())["timm"] == "written"
+    assert json.loads((out / "model.json").read_text())["layout"] == "timm"
     ours_again, _ = load_export(out)  # our own layout is still what pipeline.model loads
     assert all(torch.equal(ours_again[k], v) for k, v in model.state_dict().items())
 
@@ -63,19 +63,22 @@ def test_export_files_are_readable_by_the_group_and_others(tmp_path: Path) -> No
         out = _export(model, cfg, tmp_path / "export")
     finally:
         os.umask(old)
-    for f in ("model.safetensors", "model.json", "timm/model.safetensors", "timm/config.json"):
+    for f in ("model.safetensors", "model.json", "config.json"):
         assert stat.S_IMODE((out / f).stat().st_mode) == 0o644, f
 
 
 def test_what_timm_cannot_express_is_said_not_guessed(tmp_path: Path) -> None:
     model, cfg = _ours(patch_norm=True)
     out = _export(model, cfg, tmp_path / "patch_norm")
-    assert not (out / "timm").exists()
-    assert "no LayerNorm around the patch projection" in json.loads((out / "model.json").read_text())["timm"]
+    meta = json.loads((out / "model.json").read_text())
+    assert not (out / "config.json").exists() and meta["layout"] == "ours"
+    assert "no LayerNorm around the patch projection" in meta["timm"]
+    again, _ = load_export(out)  # our layout, its marker key dropped
+    assert again.keys() == model.state_dict().keys()
 
     model, cfg = _ours(layer_norm_eps=1e-4)  # an eps no timm variant builds
     out = _export(model, cfg, tmp_path / "eps")
-    assert not (out / "timm").exists()
+    assert not (out / "config.json").exists()
     assert json.loads((out / "model.json").read_text())["timm"] == (
         "not written: timm builds LayerNorm eps 1e-06 or 1e-05, not 0.0001"
     )
@@ -84,9 +87,39 @@ def test_what_timm_cannot_express_is_said_not_guessed(tmp_path: Path) -> None:
 def test_the_seeds_layer_norm_eps_is_carried_by_the_architecture_name(tmp_path: Path) -> None:
     model, cfg = _ours(layer_norm_eps=1e-5)
     out = _export(model, cfg, tmp_path / "export")
-    theirs = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
+    theirs = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert {m.eps for m in theirs.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
     img = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         diff = (theirs(img) - model(img)).abs().max().item()
     assert diff < 1e-5, diff
+
+
+def test_timms_other_path_its_own_model_with_this_file_loads_the_right_weights(tmp_path: Path) -> None:
+    # timm's model built by hand, the export's file as its pretrained weights: this used to load our
+    # layout without an error and with the patch projection scrambled (logits off by ~1).
+    model, cfg = _ours()
+    out = _export(model, cfg, tmp_path / "export")
+    args = json.loads((out / "config.json").read_text())["model_args"]
+    overlay = {"file": str(out / "model.safetensors"), "num_classes": args["num_classes"]}
+    theirs = timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay, **args).eval()
+    img = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (theirs(img) - model(img)).abs().max().item() < 1e-5
+
+
+def test_timm_pointed_at_a_file_in_our_layout_refuses_it(tmp_path: Path) -> None:
+    model, cfg = _ours(patch_norm=True)  # a model timm cannot express keeps our layout, and a marker key
+    out = _export(model, cfg, tmp_path / "export")
+    args = {
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 48,
+        "depth": 2,
+        "num_heads": 3,
+        "mlp_ratio": 2.0,
+        "num_classes": 5,
+    }
+    overlay = {"file": str(out / "model.safetensors"), "num_classes": 5}
+    with pytest.raises(RuntimeError, match="this_file_is_not_timm_layout.load_the_timm_folder_of_this_export"):
+        timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay, **args)

@@ -81,12 +81,13 @@ def assert_timm_loads(export: Path, names: list[str]) -> None:
     import timm
 
     from pipeline.model import ViT
+    from pipeline.train.export import load_export
 
     meta = json.loads((export / "model.json").read_text())
     cfg = {k: v for k, v in meta["model"].items() if k not in ("preset", "grad_checkpointing")}
     ours = ViT(**cfg).eval()
-    ours.load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
-    theirs = timm.create_model(f"local-dir:{export / 'timm'}", pretrained=True).eval()
+    ours.load_state_dict(load_export(export)[0], strict=True)
+    theirs = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     img = torch.randn(8, cfg["channels"], *theirs.pretrained_cfg["input_size"][1:])
     with torch.no_grad():
         diff = (theirs(img) - ours(img)).abs().max().item()
