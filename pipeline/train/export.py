@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.durable import atomic_write, atomic_write_via
 from pipeline.train import engine as ds
-from pipeline.train.checkpoint import ResumeInfo, atomic_write, read_state, resolve_checkpoint
+from pipeline.train.checkpoint import ResumeInfo, read_state, resolve_checkpoint
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -34,9 +35,8 @@ def write_export(
     state: dict[str, torch.Tensor], model_cfg: dict, out_dir: Path, *, step: int, source: str, run_id: str | None
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS}.tmp"
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    tmp.replace(out_dir / WEIGHTS)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    atomic_write_via(out_dir / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     meta = {"format": 1, "model": model_cfg, "step": step, "source": source, "run_id": run_id}
     atomic_write(out_dir / META, json.dumps(meta, indent=1, sort_keys=True))
     return out_dir

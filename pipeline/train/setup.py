@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from pipeline.config import BatchPlan, Config, config_to_dict, flatten, save_config
 from pipeline.data import MixupCutmix, build_loader, build_val_loader, check_classes, read_index
+from pipeline.durable import atomic_write
 from pipeline.logs import setup_logging
 from pipeline.model import ViT, forward_macs
 from pipeline.tracking import experiment_for, open_tracker, pretrain_tags, run_name_for, run_tags
@@ -381,7 +382,7 @@ def save_checkpoint(r: Run) -> Path:
     written.append(_rng_path(tag_dir, r.env.rank))
     torch.save(_rng_state(), written[-1])
     written.append(_loader_path(tag_dir, r.env.rank))
-    ckpt.atomic_write(written[-1], json.dumps(r.train_loader.state_dict()))
+    atomic_write(written[-1], json.dumps(r.train_loader.state_dict()))
     if r.env.rank == 0:
         state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
         ckpt.write_state(tag_dir, state)
