@@ -349,8 +349,7 @@ def _tracker(
 ) -> Any:
     role = "writer" if env.rank == 0 else ("node" if env.local_rank == 0 else "none")
     first_role = role if role == "writer" else "none"
-    tags = run_tags(cfg, world_size=env.world_size)
-    tags["nodes"] = str(env.num_nodes)
+    tags = run_tags(cfg, world_size=env.world_size, num_nodes=env.num_nodes)
     if info is not None:
         tags["resumed_from_step"] = str(info.step)
     if init_report is not None:
@@ -358,7 +357,13 @@ def _tracker(
 
         tags.update(pretrain_tags(cfg.finetune.init_from))
         tags.update(report_tags(init_report))
-    kwargs = dict(experiment=experiment_for(cfg), run_name=run_name_for(cfg, overrides), params=flatten(cfg), tags=tags)
+    kwargs = dict(
+        experiment=experiment_for(cfg),
+        run_name=run_name_for(cfg, overrides),
+        params=flatten(cfg),
+        tags=tags,
+        num_nodes=env.num_nodes,
+    )
     # The writer creates (or resumes) the run first; the other nodes' system-metrics trackers then
     # attach to that run id instead of waiting for tracking.json on a shared filesystem.
     tracker = open_tracker(cfg.tracking, run_dir=run_dir, run_id=state.get("run_id"), role=first_role, **kwargs)
