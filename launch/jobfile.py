@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from pipeline.durable import atomic_write
 
 JOB_FILE = "job.json"
 _LOCK_FILE = ".job.json.lock"
@@ -74,9 +75,7 @@ def update_job_file(run_dir: str | Path, change: Callable[[dict[str, Any]], None
         # A requeue is every attempt of a job after its first.
         jobs_seen = {a["job_id"] for a in data["attempts"]}
         data["requeues"] = len(data["attempts"]) - len(jobs_seen)
-        tmp = run_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, run_dir / JOB_FILE)
+        atomic_write(run_dir / JOB_FILE, json.dumps(data, indent=2) + "\n")
     return data
 
 

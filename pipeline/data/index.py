@@ -27,13 +27,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pipeline.config.schema import data_path_problem
 from pipeline.data.errors import PreflightError
+from pipeline.durable import atomic_write
 
 INDEX_NAME = "_info.json"
 FORMAT_VERSION = 2
@@ -184,17 +184,12 @@ class DataIndex:
 
 
 def write_index(index: DataIndex, path: str | Path | None = None) -> Path:
-    """Write the index atomically (temp file + fsync + rename): readers see all of it or none.
+    """Write the index atomically (``pipeline.durable``): readers see all of it or none.
 
     ``path`` defaults to ``index.path`` (``root/_info.json`` for the writer's data directories).
     """
     path = Path(path) if path is not None else index.path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(index.to_json(), f, indent=None if _many_shards(index) else 1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(index.to_json(), indent=None if _many_shards(index) else 1))
     return path
 
 

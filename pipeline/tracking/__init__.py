@@ -4,7 +4,8 @@ Writing (the training engine)::
 
     tracker = open_tracker(cfg.tracking, run_dir=..., experiment=experiment_for(cfg),
                            run_name=run_name_for(cfg, overrides), run_id=ckpt_run_id,
-                           params=flatten(cfg), tags=run_tags(cfg, world_size=ws), role="writer")
+                           params=flatten(cfg), tags=run_tags(cfg, world_size=ws, num_nodes=nodes),
+                           role="writer", num_nodes=nodes)
     tracker.log_metrics({"train/loss": 2.3}, step)   # queue only: never waits on the server
     tracker.close("FINISHED")
 

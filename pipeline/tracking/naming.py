@@ -127,15 +127,19 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def run_tags(cfg: Config, *, world_size: int, env: dict[str, str] | None = None) -> dict[str, str]:
+def run_tags(cfg: Config, *, world_size: int, num_nodes: int, env: dict[str, str] | None = None) -> dict[str, str]:
     """The tags every run carries: where it ran (SLURM job, nodes), how (world size, ZeRO stage),
-    which code (git commit) and how often it was requeued. ``tracking.tags`` are added last."""
+    which code (git commit) and how often it was requeued. ``tracking.tags`` are added last.
+
+    ``world_size`` and ``num_nodes`` come from the caller's distributed environment (the one seam
+    that reads rank variables); ``env`` (default: this process's) only names the job."""
     env = dict(os.environ) if env is None else env
     commit = git_commit()
     tags = {
         "slurm.job_id": env.get("SLURM_JOB_ID", ""),
         "slurm.nodelist": env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")),
-        "slurm.nodes": env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", str(cfg.launch.nodes))),
+        "slurm.nodes": str(num_nodes),
+        "nodes": str(num_nodes),
         # the launcher's count (local executor included), else SLURM's
         "slurm.restart_count": env.get("PIPELINE_REQUEUE_COUNT", env.get("SLURM_RESTART_COUNT", "0")),
         "world_size": str(world_size),

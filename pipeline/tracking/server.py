@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.durable import atomic_write
 from pipeline.tracking.naming import sqlite_uri
 
 log = logging.getLogger(__name__)
@@ -203,9 +204,7 @@ def _reap(pid: int) -> None:
 
 def write_url_file(path: Path, url: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(url + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, url + "\n")
 
 
 def read_server_url(path: str | Path | None = None) -> str | None:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.durable import atomic_write
 from pipeline.proc import pid_alive
 from pipeline.tracking.naming import TRACKING_STATE_FILE, read_tracking_state
 
@@ -38,13 +39,6 @@ LEASE_STALE_S = 60.0  # a writer that has not renewed its lease for this long is
 Record = dict[str, Any]  # {"t": "m"|"p"|"g"|"a"|"end", ...}; see tracker.py
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write via a temporary file and rename, so a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 _STATE_LOCK = threading.Lock()
 
 
@@ -53,7 +47,7 @@ def save_tracking_state(run_dir: Path, **fields: Any) -> None:
     with _STATE_LOCK:
         state = read_tracking_state(run_dir)
         state.update(fields)
-        write_json_atomic(run_dir / TRACKING_STATE_FILE, state)
+        atomic_write(run_dir / TRACKING_STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
 
 
 class JsonlFile:
@@ -90,9 +84,7 @@ class JsonlFile:
             if not records:
                 self.path.unlink(missing_ok=True)
                 return
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def take(self, count: int) -> None:
         """Drop the first ``count`` records (those just delivered), keeping any appended since."""
@@ -104,9 +96,7 @@ class JsonlFile:
             if not rest:
                 self.path.unlink()
                 return
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(rest))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(rest))
 
 
 class WriteAheadLog:
@@ -207,7 +197,7 @@ class RunDirLease:
         self.renew()
 
     def renew(self) -> None:
-        write_json_atomic(self.path, {**self.me, "heartbeat": time.time()})
+        atomic_write(self.path, json.dumps({**self.me, "heartbeat": time.time()}, indent=1, sort_keys=True))
 
     def release(self) -> None:
         holder = self._holder()

@@ -95,12 +95,15 @@ def open_tracker(
     params: dict[str, object] | None = None,
     tags: dict[str, str] | None = None,
     role: Role = "writer",
+    num_nodes: int = 1,
 ) -> Tracker:
     """The tracker for this rank's ``role`` (see the module doc).
 
     ``run_id`` (from the checkpoint) resumes that run; without it the writer resumes the run
     recorded in ``run_dir/tracking.json`` if any, else creates one. ``params`` (the flattened
     config) and ``tags`` are logged at once; ``tracking.tags`` are added to ``tags``.
+    ``num_nodes`` (the caller's distributed environment) > 1 names the writer's system metrics
+    by node, as the other nodes' trackers do.
     """
     if role == "none" or not tracking.enabled:
         return Tracker()
@@ -123,6 +126,7 @@ def open_tracker(
         run_id=run_id,
         params=params or {},
         tags={**(tags or {}), **tracking.tags},
+        multi_node=num_nodes > 1,
     )
 
 
@@ -140,10 +144,12 @@ class WriterTracker(Tracker):
         run_id: str | None,
         params: dict[str, object],
         tags: dict[str, str],
+        multi_node: bool = False,
     ) -> None:
         from pipeline.tracking import backend
 
         self._cfg, self._uri, self._run_dir = tracking, uri, run_dir
+        self._multi_node = multi_node
         self._experiment, self._run_name, self._tags = experiment, run_name, dict(tags)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._lease = st.RunDirLease(run_dir)
@@ -432,7 +438,7 @@ class WriterTracker(Tracker):
 
             # Several nodes report into one run, each under its name; a single node keeps the plain
             # keys, comparable across runs.
-            self._sysmetrics = SystemMetrics(self._uri, self._run_id, st.node_name() if _multi_node() else None)
+            self._sysmetrics = SystemMetrics(self._uri, self._run_id, st.node_name() if self._multi_node else None)
             self._sysmetrics.ensure_running()
 
     def _handle(self, records: list[dict[str, Any]]) -> None:
@@ -695,14 +701,6 @@ def _wait_for_run_id(run_dir: Path, uri: str, timeout_s: float) -> str | None:
             log.info("tracking: no run id for %s yet; this node reports no system metrics", run_dir)
             return None
         time.sleep(0.2)
-
-
-def _multi_node() -> bool:
-    import os
-
-    nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or "1"
-    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
-    return int(nodes) > 1 or bool(world and local and int(world) > int(local))
 
 
 _REASONS = re.compile(r"Connection refused|Read timed out|timed out|Name or service not known|error code \d+ != 200")

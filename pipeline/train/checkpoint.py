@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.durable import fsync_path
+from pipeline.durable import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,6 @@ def tag_for(step: int) -> str:
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """tmp + fsync + rename + directory fsync: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def fsync_tree(path: Path) -> None:

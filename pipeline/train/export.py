@@ -27,9 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import DataConfig
 from pipeline.data.index import read_index
+from pipeline.durable import atomic_write, atomic_write_via
 from pipeline.model.convert import OUR_LAYOUT_MARKER, LayoutError, timm_model_args, to_ours, to_timm
 from pipeline.train import engine as ds
-from pipeline.train.checkpoint import ResumeInfo, atomic_write, read_state, resolve_checkpoint
+from pipeline.train.checkpoint import ResumeInfo, read_state, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,11 @@ def write_export(
 
 
 def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600
+
+    atomic_write_via(path, write)
 
 
 def _umask() -> int:

@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from pipeline.durable import atomic_write
 from pipeline.proc import pid_alive, pid_start
-from pipeline.train.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 

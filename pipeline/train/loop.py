@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.data import DataError, soft_target_cross_entropy
+from pipeline.durable import atomic_write
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
@@ -323,7 +324,7 @@ def _supersede(r: Run, p: Progress, *, to_step: int, from_step: int | None) -> N
     superseded MLflow points (MLflow cannot delete them)."""
     if r.env.rank == 0 and max(p.logged.values(), default=-1) > to_step:
         kept = [rec for rec in _read_metrics_file(r) if int(rec["step"]) <= to_step]
-        ckpt.atomic_write(r.run_dir / METRICS_FILE, "".join(json.dumps(rec) + "\n" for rec in kept))
+        atomic_write(r.run_dir / METRICS_FILE, "".join(json.dumps(rec) + "\n" for rec in kept))
         p.logged = {k: min(v, to_step) for k, v in p.logged.items()}
     r.tracker.rolled_back(to_step, from_step)
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from pipeline.config import BatchPlan, Config, config_to_dict, flatten, save_config
 from pipeline.data import MixupCutmix, build_loader, build_val_loader, check_classes, read_index
+from pipeline.durable import atomic_write
 from pipeline.logs import setup_logging
 from pipeline.model import ViT, forward_macs
 from pipeline.tracking import experiment_for, open_tracker, pretrain_tags, run_name_for, run_tags
@@ -348,8 +349,7 @@ def _tracker(
 ) -> Any:
     role = "writer" if env.rank == 0 else ("node" if env.local_rank == 0 else "none")
     first_role = role if role == "writer" else "none"
-    tags = run_tags(cfg, world_size=env.world_size)
-    tags["nodes"] = str(env.num_nodes)
+    tags = run_tags(cfg, world_size=env.world_size, num_nodes=env.num_nodes)
     if info is not None:
         tags["resumed_from_step"] = str(info.step)
     if init_report is not None:
@@ -357,7 +357,13 @@ def _tracker(
 
         tags.update(pretrain_tags(cfg.finetune.init_from))
         tags.update(report_tags(init_report))
-    kwargs = dict(experiment=experiment_for(cfg), run_name=run_name_for(cfg, overrides), params=flatten(cfg), tags=tags)
+    kwargs = dict(
+        experiment=experiment_for(cfg),
+        run_name=run_name_for(cfg, overrides),
+        params=flatten(cfg),
+        tags=tags,
+        num_nodes=env.num_nodes,
+    )
     # The writer creates (or resumes) the run first; the other nodes' system-metrics trackers then
     # attach to that run id instead of waiting for tracking.json on a shared filesystem.
     tracker = open_tracker(cfg.tracking, run_dir=run_dir, run_id=state.get("run_id"), role=first_role, **kwargs)
@@ -381,7 +387,7 @@ def save_checkpoint(r: Run) -> Path:
     written.append(_rng_path(tag_dir, r.env.rank))
     torch.save(_rng_state(), written[-1])
     written.append(_loader_path(tag_dir, r.env.rank))
-    ckpt.atomic_write(written[-1], json.dumps(r.train_loader.state_dict()))
+    atomic_write(written[-1], json.dumps(r.train_loader.state_dict()))
     if r.env.rank == 0:
         state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
         ckpt.write_state(tag_dir, state)

@@ -54,11 +54,13 @@ def test_tracking_config_rejects_bad_retry_interval() -> None:
 
 def test_run_tags_carry_slurm_and_recipe() -> None:
     cfg = Config(name="vit_b16", tracking=TrackingConfig(tags={"owner": "vision"}))
-    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2"}
-    tags = run_tags(cfg, world_size=16, env={**env, "SLURM_RESTART_COUNT": "1"})
+    # The node count comes from the caller's distributed environment, not from SLURM's variables.
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "3"}
+    tags = run_tags(cfg, world_size=16, num_nodes=2, env={**env, "SLURM_RESTART_COUNT": "1"})
     assert tags["slurm.job_id"] == "4242"
     assert tags["slurm.nodelist"] == "node[1-2]"
     assert tags["slurm.nodes"] == "2"
+    assert tags["nodes"] == "2"
     assert tags["slurm.restart_count"] == "1"
     assert tags["world_size"] == "16"
     assert tags["zero_stage"] == str(cfg.train.zero_stage)

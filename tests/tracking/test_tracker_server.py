@@ -26,12 +26,17 @@ def test_server_run_gets_params_metrics_artifacts_and_per_node_system_metrics(
     mlflow_server: MlflowTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
-    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     monkeypatch.setenv("SLURMD_NODENAME", "node1")
     run_dir = tmp_path / "run"
     params = {"optim.lr": 0.001, "model.dim": 64}
     writer = open_tracker(
-        _cfg(mlflow_server), run_dir=run_dir, experiment="pretrain", run_name="tiny-lr1e-3", params=params, tags={}
+        _cfg(mlflow_server),
+        run_dir=run_dir,
+        experiment="pretrain",
+        run_name="tiny-lr1e-3",
+        params=params,
+        tags={},
+        num_nodes=2,  # from the caller's distributed environment: the writer names its node too
     )
     monkeypatch.setenv("SLURMD_NODENAME", "node2")  # the second node's local rank 0, same run
     node = open_tracker(_cfg(mlflow_server), run_dir=run_dir, experiment="", run_name="", role="node")

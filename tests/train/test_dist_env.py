@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 from pipeline.train.dist_env import DistEnvError, detect, first_host, port_for_job
@@ -74,3 +77,42 @@ def test_rank_outside_world_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_first_host(nodelist: str, host: str) -> None:
     assert first_host(nodelist) == host
+
+
+# --- the guard: rank and world size are read here and nowhere else in pipeline/ ----------------------
+
+# Variables that say which rank this is or how many ranks/nodes there are (torchrun's, SLURM's, MPI's).
+TOPOLOGY_VARS = {
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE",
+    "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_STEP_NUM_NODES",
+    "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+}  # fmt: skip
+
+
+def _topology_names(source: str) -> set[str]:
+    """Topology variable names ``source`` spells as a string (``os.environ["RANK"]``, ``env.get("SLURM_NNODES")``)."""
+    return {
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in TOPOLOGY_VARS
+    }
+
+
+def test_the_guard_sees_an_environment_read_of_the_world_size() -> None:
+    src = 'import os\nworld = os.environ.get("WORLD_SIZE")\nnodes = env.get("SLURM_JOB_NUM_NODES", "1")\n'
+    assert _topology_names(src) == {"WORLD_SIZE", "SLURM_JOB_NUM_NODES"}
+    assert _topology_names('hook = "RANK@STEP"  # a test hook, not a variable\n') == set()
+
+
+def test_only_dist_env_reads_rank_and_world_size_variables_in_pipeline() -> None:
+    root = Path(__file__).resolve().parents[2]
+    readers = {
+        path.relative_to(root).as_posix(): sorted(names)
+        for path in sorted((root / "pipeline").rglob("*.py"))
+        if path.name != "dist_env.py" and (names := _topology_names(path.read_text()))
+    }
+    assert not readers, (
+        f"rank/world variables read outside pipeline/train/dist_env.py: {readers}; take them from the "
+        f"DistEnv that detect() returns (pass rank, world_size or num_nodes in as arguments)"
+    )
