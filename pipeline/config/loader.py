@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from pipeline.config.schema import Config, ConfigError, redact_text
+from pipeline.durable import atomic_write
 from pipeline.model.presets import PRESET_NAMES, preset_kwargs
 
 _MISSING = object()
@@ -271,7 +272,7 @@ def dump_config(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_config(cfg))
+    atomic_write(path, dump_config(cfg))
 
 
 def config_diff(cfg: Config) -> dict:

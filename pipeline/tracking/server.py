@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.durable import atomic_write
+from pipeline.durable import atomic_write, atomic_write_via
 from pipeline.tracking.naming import sqlite_uri
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,17 @@ class ServerSpec:
         if env.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
             return env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
         path = self.root / "flask_secret_key"
-        if not path.exists():
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_hex(32))
-        return path.read_text().strip()
+        key = path.read_text().strip() if path.exists() else ""
+        if not key:  # none yet (an empty file is a crash's leftover from before the durable write)
+
+            def write(tmp: Path) -> None:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+
+            atomic_write_via(path, write)
+            key = path.read_text().strip()
+        return key
 
 
 def free_port(host: str = "127.0.0.1") -> int:

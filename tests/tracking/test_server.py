@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -97,3 +98,12 @@ def _status(url: str, auth: tuple[str, str] | None = None) -> int:
         return e.code
     except OSError:
         return -1
+
+
+def test_the_flask_secret_key_is_private_and_an_empty_leftover_is_replaced(tmp_path: Path) -> None:
+    spec = ServerSpec(root=tmp_path, port=1)
+    (tmp_path / "flask_secret_key").write_text("")  # what a crash between create and write used to leave
+    key = spec._secret_key({})
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert stat.S_IMODE((tmp_path / "flask_secret_key").stat().st_mode) == 0o600
+    assert spec._secret_key({}) == key  # kept across restarts
