@@ -67,13 +67,14 @@ from pipeline.data.plan import EpochPlan, PastSplit, consumed_by_worker, emissio
 from pipeline.data.preflight import check_geometry
 from pipeline.data.tario import SKIP_KINDS, RawSample, ReaderCache
 from pipeline.data.transforms import CropDraws, Decoder, Normalize, batch_tensor, crop_resize, eval_box
+from pipeline.metric_names import DATA_SAMPLES_READ, DATA_SKIPPED_PREFIX, data_skipped
 from pipeline.proc import pid_alive
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-SAMPLES_READ = "data/samples_read"
-COUNTER_NAMES = (*(f"data/skipped_{k}" for k in SKIP_KINDS), SAMPLES_READ)
+
+COUNTER_NAMES = (*(data_skipped(k) for k in SKIP_KINDS), DATA_SAMPLES_READ)
 _TAG_AUG = 0xA06
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -266,7 +267,7 @@ class _Tally:
         self.bad_shards: Counter[str] = Counter()
 
     def skip(self, kind: str, shard: str) -> None:
-        self.counts[f"data/skipped_{kind}"] += 1
+        self.counts[data_skipped(kind)] += 1
         self.bad_shards[shard] += 1
 
     def snapshot(self) -> dict[str, Any]:
@@ -322,7 +323,7 @@ class _SlotEpoch:
         u8 = batch.numpy()
         labels = torch.full((B,), -1, dtype=torch.int64)
         keys = [s.key for s in entries]
-        self.tally.counts[SAMPLES_READ] += B
+        self.tally.counts[DATA_SAMPLES_READ] += B
         for i, sample in enumerate(entries):
             if sample.bad is not None:
                 self.tally.skip(sample.bad, sample.shard)
@@ -504,12 +505,14 @@ class TrainLoader:
 
     def _check_skips(self) -> None:
         c = self.counters()
-        read = c[SAMPLES_READ]
-        skipped = sum(v for k, v in c.items() if k != SAMPLES_READ)
+        read = c[DATA_SAMPLES_READ]
+        skipped = sum(v for k, v in c.items() if k != DATA_SAMPLES_READ)
         cfg = self._cfg
         if read < cfg.skip_check_after or skipped <= cfg.max_skip_frac * read:
             return
-        kinds = ", ".join(f"{k.removeprefix('data/skipped_')}={v}" for k, v in c.items() if v and k != SAMPLES_READ)
+        kinds = ", ".join(
+            f"{k.removeprefix(DATA_SKIPPED_PREFIX)}={v}" for k, v in c.items() if v and k != DATA_SAMPLES_READ
+        )
         shards: Counter[str] = Counter()
         for meta in self._live.values():
             shards.update(meta["bad_shards"])
@@ -727,7 +730,7 @@ class ValStream(IterableDataset):
         u8 = batch.numpy()
         labels = torch.full((B,), -1, dtype=torch.int64)
         keys = [""] * B
-        tally.counts[SAMPLES_READ] += len(samples)
+        tally.counts[DATA_SAMPLES_READ] += len(samples)
         u8[len(samples) :] = 0  # padding
         for i, s in enumerate(samples):
             keys[i] = s.key
