@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config.schema import DataConfig
 from pipeline.data.errors import DataError, PreflightError
 from pipeline.data.index import CLS_LABELS, DataIndex, LabelSpec, read_index
+from pipeline.data.pixels import decode_or_skip
 from pipeline.data.plan import EpochPlan, PastSplit, consumed_by_worker, emission_order, plan_epoch, rng
 from pipeline.data.preflight import check_geometry
 from pipeline.data.tario import SKIP_KINDS, RawSample, ReaderCache
@@ -325,12 +326,11 @@ class _SlotEpoch:
         keys = [s.key for s in entries]
         self.tally.counts[DATA_SAMPLES_READ] += B
         for i, sample in enumerate(entries):
-            if sample.bad is not None:
-                self.tally.skip(sample.bad, sample.shard)
-            elif self._decode_into(u8, i, sample, draws):
-                labels[i] = sample.label
+            pixels, kind = self._decode(sample, i, draws)
+            if kind is None:
+                u8[i], labels[i] = pixels, sample.label
             else:
-                self.tally.skip("corrupt_image", sample.shard)
+                self.tally.skip(kind, sample.shard)
         good = (labels >= 0).nonzero().flatten().tolist()
         if not good:
             good = self._rescue(u8, labels, keys, draws, j)
@@ -340,20 +340,15 @@ class _SlotEpoch:
                 u8[i], labels[i], keys[i] = u8[src], labels[src], keys[src]
         return batch, labels, keys
 
-    def _decode_into(self, u8: np.ndarray, i: int, sample: RawSample, draws: CropDraws) -> bool:
+    def _decode(self, sample: RawSample, i: int, draws: CropDraws) -> tuple[np.ndarray | None, str | None]:
+        """``sample`` rendered as entry i of the batch (its crop and flip draws), or why it is skipped."""
         look = self.s.look
-        try:
-            u8[i] = crop_resize(
-                sample.image,
-                lambda h, w: draws.box(i, h, w, look.crop_ratio),
-                look.image_size,
-                bool(draws.flip[i]),
-                look.decoder,
-            )
-        except Exception as e:  # PIL and torchvision raise many types for bad bytes
-            log.debug("skipping %s in %s: %s", sample.key, sample.shard, e)
-            return False
-        return True
+
+        def render(data: bytes) -> np.ndarray:
+            box = functools.partial(draws.box, i, ratio=look.crop_ratio)
+            return crop_resize(data, box, look.image_size, bool(draws.flip[i]), look.decoder)
+
+        return decode_or_skip(sample, render)
 
     def _rescue(self, u8: np.ndarray, labels: torch.Tensor, keys: list[str], draws: CropDraws, j: int) -> list[int]:
         """No entry of batch j was readable: borrow readable samples from the slot's next blocks."""
@@ -365,8 +360,9 @@ class _SlotEpoch:
             q = (first + step) % nblocks
             block = self._block(q)
             for sample in block:
-                if sample.bad is None and self._decode_into(u8, len(filled), sample, draws):
-                    labels[len(filled)], keys[len(filled)] = sample.label, sample.key
+                pixels, kind = self._decode(sample, len(filled), draws)
+                if kind is None:  # a bad one is counted when its own batch comes
+                    u8[len(filled)], labels[len(filled)], keys[len(filled)] = pixels, sample.label, sample.key
                     filled.append(len(filled))
                     if len(filled) == B:
                         break
@@ -732,26 +728,16 @@ class ValStream(IterableDataset):
         keys = [""] * B
         tally.counts[DATA_SAMPLES_READ] += len(samples)
         u8[len(samples) :] = 0  # padding
+        box = functools.partial(eval_box, size=look.image_size, crop_pct=look.eval_crop_pct)
+        render = functools.partial(crop_resize, box_fn=box, size=look.image_size, flip=False, decoder=look.decoder)
         for i, s in enumerate(samples):
             keys[i] = s.key
-            if s.bad is not None:
-                tally.skip(s.bad, s.shard)
+            pixels, kind = decode_or_skip(s, render)
+            if kind is None:
+                u8[i], labels[i] = pixels, s.label
+            else:
+                tally.skip(kind, s.shard)
                 u8[i] = 0
-                continue
-            try:
-                u8[i] = crop_resize(
-                    s.image,
-                    lambda h, w: eval_box(h, w, look.image_size, look.eval_crop_pct),
-                    look.image_size,
-                    False,
-                    look.decoder,
-                )
-            except Exception as e:  # PIL and torchvision raise many types for bad bytes
-                log.debug("skipping %s in %s: %s", s.key, s.shard, e)
-                tally.skip("corrupt_image", s.shard)
-                u8[i] = 0
-                continue
-            labels[i] = s.label
         return batch, labels, keys
 
 
