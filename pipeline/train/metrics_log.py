@@ -2,7 +2,8 @@
 
 One JSON object a line, ``{"step": S, "time": T, "<key>": value, ...}`` with the keys of
 pipeline/metric_names.py. It needs no server and no mlflow to read: ``launch/demo.py``, the tests
-and users read it directly (README, "Metrics: one value per step").
+and users read it directly (README, "Metrics: one value per step"), and the next attempt of the run
+reads it back to know which steps it already holds.
 
 Why this is not the tracker's ``tracking_wal.jsonl`` (tracking/state.py), although both hold the
 same metric values:
