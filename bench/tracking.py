@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import metric_names as mn
 from pipeline.config import TrackingConfig
 from pipeline.tracking.server import ServerSpec, free_port, start_server, stop_server
 from pipeline.tracking.tracker import Tracker, open_tracker
@@ -39,9 +40,9 @@ def _loop(steps: int, tracker: Tracker | None) -> tuple[float, float]:
         loss.backward()
         opt.step()
         if tracker is not None:
-            metrics = {"train/loss": loss.item(), "train/lr": 1e-3, "train/img_per_s": 1.0, "train/mfu": 0.1}
+            metrics = {mn.TRAIN_LOSS: loss.item(), mn.TRAIN_LR: 1e-3, mn.TRAIN_IMG_PER_S: 1.0, mn.TRAIN_MFU: 0.1}
             t = time.perf_counter()
-            tracker.log_metrics({**metrics, "train/step_time_s": 0.0}, step)
+            tracker.log_metrics({**metrics, mn.TRAIN_STEP_TIME_S: 0.0}, step)
             in_log += time.perf_counter() - t
     return time.perf_counter() - start, in_log
 

@@ -65,10 +65,11 @@ def check_resume(cfg: Config, run_dir: Path) -> str:
     """Whether the run dir holds a complete checkpoint to resume (a run dir with only broken ones is refused)."""
     from pipeline.config import config_to_dict
     from pipeline.train.checkpoint import CheckpointError, check_fits, inspect_run_dir, read_state
-    from pipeline.train.resume import plan_resume
+    from pipeline.train.resume import plan_resume, require_checkpoint, world_size_change
 
     try:
         info = inspect_run_dir(run_dir)
+        require_checkpoint(info, cfg, run_dir, fix="pass --run-dir of the run to resume")
         if info is not None:
             check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
             ws = cfg.launch.world_size  # the ranks' own rule, applied here before anything is queued
@@ -77,15 +78,11 @@ def check_resume(cfg: Config, run_dir: Path) -> str:
     except CheckpointError as e:
         raise Refused(str(e)) from None
     if info is None:
-        if cfg.checkpoint.resume == "require":
-            raise Refused(
-                f"checkpoint.resume=require but {run_dir} has no checkpoints; pass --run-dir of the run to resume"
-            )
         return "checkpoint: none in the run dir, the job starts fresh"
     where = f"checkpoint: resumes from step {info.step} ({info.tag}, saved by {info.world_size} ranks)"
     where += "".join(f"; skipped damaged {s}" for s in info.skipped)
-    if info.world_size != cfg.launch.world_size:
-        where += f"; converted for {cfg.launch.world_size} ranks (universal checkpoint)"
+    change = world_size_change(info, cfg.launch.world_size)
+    where += f"; {change}" if change else ""
     return "".join([where, *(f"\n  resume: {line}" for line in plan.notes + plan.safe)])
 
 

@@ -13,12 +13,14 @@ Re-running it resumes or skips what is already done; `--fresh` starts the two ru
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pipeline.metric_names import EVAL_TOP1
+from pipeline.train.metrics_log import read_metrics_log
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs"
@@ -43,9 +45,8 @@ def step(title: str, cmd: list[str]) -> None:
 def final_top1(run_dir: Path) -> float | None:
     """The last eval/top1 in <run_dir>/metrics.jsonl (readable without a tracking server)."""
     top1 = None
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        top1 = record.get("eval/top1", top1)
+    for record in read_metrics_log(run_dir):
+        top1 = record.get(EVAL_TOP1, top1)
     return top1
 
 

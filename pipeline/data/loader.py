@@ -63,17 +63,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config.schema import DataConfig
 from pipeline.data.errors import DataError, PreflightError
 from pipeline.data.index import CLS_LABELS, DataIndex, LabelSpec, read_index
+from pipeline.data.pixels import decode_or_skip
 from pipeline.data.plan import EpochPlan, PastSplit, consumed_by_worker, emission_order, plan_epoch, rng
 from pipeline.data.preflight import check_geometry
 from pipeline.data.tario import SKIP_KINDS, RawSample, ReaderCache
 from pipeline.data.transforms import CropDraws, Decoder, Normalize, batch_tensor, crop_resize, eval_box
+from pipeline.metric_names import DATA_SAMPLES_READ, DATA_SKIPPED_PREFIX, data_skipped
 from pipeline.proc import pid_alive
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-SAMPLES_READ = "data/samples_read"
-COUNTER_NAMES = (*(f"data/skipped_{k}" for k in SKIP_KINDS), SAMPLES_READ)
+
+COUNTER_NAMES = (*(data_skipped(k) for k in SKIP_KINDS), DATA_SAMPLES_READ)
 _TAG_AUG = 0xA06
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -266,7 +268,7 @@ class _Tally:
         self.bad_shards: Counter[str] = Counter()
 
     def skip(self, kind: str, shard: str) -> None:
-        self.counts[f"data/skipped_{kind}"] += 1
+        self.counts[data_skipped(kind)] += 1
         self.bad_shards[shard] += 1
 
     def snapshot(self) -> dict[str, Any]:
@@ -322,14 +324,13 @@ class _SlotEpoch:
         u8 = batch.numpy()
         labels = torch.full((B,), -1, dtype=torch.int64)
         keys = [s.key for s in entries]
-        self.tally.counts[SAMPLES_READ] += B
+        self.tally.counts[DATA_SAMPLES_READ] += B
         for i, sample in enumerate(entries):
-            if sample.bad is not None:
-                self.tally.skip(sample.bad, sample.shard)
-            elif self._decode_into(u8, i, sample, draws):
-                labels[i] = sample.label
+            pixels, kind = self._decode(sample, i, draws)
+            if kind is None:
+                u8[i], labels[i] = pixels, sample.label
             else:
-                self.tally.skip("corrupt_image", sample.shard)
+                self.tally.skip(kind, sample.shard)
         good = (labels >= 0).nonzero().flatten().tolist()
         if not good:
             good = self._rescue(u8, labels, keys, draws, j)
@@ -339,20 +340,15 @@ class _SlotEpoch:
                 u8[i], labels[i], keys[i] = u8[src], labels[src], keys[src]
         return batch, labels, keys
 
-    def _decode_into(self, u8: np.ndarray, i: int, sample: RawSample, draws: CropDraws) -> bool:
+    def _decode(self, sample: RawSample, i: int, draws: CropDraws) -> tuple[np.ndarray | None, str | None]:
+        """``sample`` rendered as entry i of the batch (its crop and flip draws), or why it is skipped."""
         look = self.s.look
-        try:
-            u8[i] = crop_resize(
-                sample.image,
-                lambda h, w: draws.box(i, h, w, look.crop_ratio),
-                look.image_size,
-                bool(draws.flip[i]),
-                look.decoder,
-            )
-        except Exception as e:  # PIL and torchvision raise many types for bad bytes
-            log.debug("skipping %s in %s: %s", sample.key, sample.shard, e)
-            return False
-        return True
+
+        def render(data: bytes) -> np.ndarray:
+            box = functools.partial(draws.box, i, ratio=look.crop_ratio)
+            return crop_resize(data, box, look.image_size, bool(draws.flip[i]), look.decoder)
+
+        return decode_or_skip(sample, render)
 
     def _rescue(self, u8: np.ndarray, labels: torch.Tensor, keys: list[str], draws: CropDraws, j: int) -> list[int]:
         """No entry of batch j was readable: borrow readable samples from the slot's next blocks."""
@@ -364,8 +360,9 @@ class _SlotEpoch:
             q = (first + step) % nblocks
             block = self._block(q)
             for sample in block:
-                if sample.bad is None and self._decode_into(u8, len(filled), sample, draws):
-                    labels[len(filled)], keys[len(filled)] = sample.label, sample.key
+                pixels, kind = self._decode(sample, len(filled), draws)
+                if kind is None:  # a bad one is counted when its own batch comes
+                    u8[len(filled)], labels[len(filled)], keys[len(filled)] = pixels, sample.label, sample.key
                     filled.append(len(filled))
                     if len(filled) == B:
                         break
@@ -504,12 +501,14 @@ class TrainLoader:
 
     def _check_skips(self) -> None:
         c = self.counters()
-        read = c[SAMPLES_READ]
-        skipped = sum(v for k, v in c.items() if k != SAMPLES_READ)
+        read = c[DATA_SAMPLES_READ]
+        skipped = sum(v for k, v in c.items() if k != DATA_SAMPLES_READ)
         cfg = self._cfg
         if read < cfg.skip_check_after or skipped <= cfg.max_skip_frac * read:
             return
-        kinds = ", ".join(f"{k.removeprefix('data/skipped_')}={v}" for k, v in c.items() if v and k != SAMPLES_READ)
+        kinds = ", ".join(
+            f"{k.removeprefix(DATA_SKIPPED_PREFIX)}={v}" for k, v in c.items() if v and k != DATA_SAMPLES_READ
+        )
         shards: Counter[str] = Counter()
         for meta in self._live.values():
             shards.update(meta["bad_shards"])
@@ -727,28 +726,18 @@ class ValStream(IterableDataset):
         u8 = batch.numpy()
         labels = torch.full((B,), -1, dtype=torch.int64)
         keys = [""] * B
-        tally.counts[SAMPLES_READ] += len(samples)
+        tally.counts[DATA_SAMPLES_READ] += len(samples)
         u8[len(samples) :] = 0  # padding
+        box = functools.partial(eval_box, size=look.image_size, crop_pct=look.eval_crop_pct)
+        render = functools.partial(crop_resize, box_fn=box, size=look.image_size, flip=False, decoder=look.decoder)
         for i, s in enumerate(samples):
             keys[i] = s.key
-            if s.bad is not None:
-                tally.skip(s.bad, s.shard)
+            pixels, kind = decode_or_skip(s, render)
+            if kind is None:
+                u8[i], labels[i] = pixels, s.label
+            else:
+                tally.skip(kind, s.shard)
                 u8[i] = 0
-                continue
-            try:
-                u8[i] = crop_resize(
-                    s.image,
-                    lambda h, w: eval_box(h, w, look.image_size, look.eval_crop_pct),
-                    look.image_size,
-                    False,
-                    look.decoder,
-                )
-            except Exception as e:  # PIL and torchvision raise many types for bad bytes
-                log.debug("skipping %s in %s: %s", s.key, s.shard, e)
-                tally.skip("corrupt_image", s.shard)
-                u8[i] = 0
-                continue
-            labels[i] = s.label
         return batch, labels, keys
 
 

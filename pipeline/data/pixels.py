@@ -1,4 +1,5 @@
-"""Image bytes -> 8-bit RGB pixels: the one conversion the shard writer and both loader decoders share.
+"""Image bytes -> 8-bit RGB pixels: the one conversion the shard writer and both loader decoders share,
+and the one decode-or-skip rule of the train loader, the val loader and the preflight's full decode.
 
 Torch-free (PIL and numpy), so the writer's render processes can import it without torch.
 """
@@ -6,9 +7,18 @@ Torch-free (PIL and numpy), so the writer's render processes can import it witho
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from pipeline.data.tario import RawSample, SkipKind
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -47,3 +57,17 @@ def decode_rgb(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))  # no `with`: closing would free the pixels to_rgb may return as they are
     img.load()
     return to_rgb(img)
+
+
+def decode_or_skip(sample: RawSample, render: Callable[[bytes], T]) -> tuple[T | None, SkipKind | None]:
+    """``(render(sample.image), None)``, or ``(None, kind)`` for a sample to skip: the reader's kind (a
+    damaged tar, a missing cls, ...) or ``corrupt_image`` when the bytes do not decode to the end."""
+    if sample.bad is not None:
+        return None, sample.bad
+    if sample.image is None:
+        return None, "corrupt_image"
+    try:
+        return render(sample.image), None
+    except Exception as e:  # PIL and torchvision raise many types for bad bytes
+        log.debug("skipping %s in %s: %s", sample.key, sample.shard, e)
+        return None, "corrupt_image"

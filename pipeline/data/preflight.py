@@ -9,17 +9,16 @@ samples may start and end mid-shard (see :mod:`pipeline.data.plan`).
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.errors import PreflightError
 from pipeline.data.index import DataIndex, SplitInfo, read_index, sha256_file
+from pipeline.data.pixels import decode_or_skip, decode_rgb
 from pipeline.data.tario import ShardReader, is_tar
 
 
@@ -208,7 +207,7 @@ def _decode_all(
             classes=index.classes,
         )
         for i, sample in enumerate(reader.read(list(range(shard.samples)))):
-            kind = sample.bad or (None if _decodes(sample.image) else "corrupt_image")
+            _, kind = decode_or_skip(sample, decode_rgb)  # the loaders' rule: what they would skip
             if kind is None:
                 labels[sample.label] += 1  # -1: an unlabeled data set
                 continue
@@ -248,14 +247,3 @@ def _label_rule(index: DataIndex) -> str:
             f"of the index"
         )
     return f"A cls must be an integer in [0, {index.num_classes})"
-
-
-def _decodes(data: bytes | None) -> bool:
-    if data is None:
-        return False
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception:  # PIL raises many types for bad bytes
-        return False
-    return True

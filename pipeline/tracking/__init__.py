@@ -14,13 +14,8 @@ Reading (``launch/compare.py``, the fine-tune stage): ``find_run``, ``run_summar
 import mlflow; the writer and the readers do when first used.
 """
 
+from pipeline.metric_names import HEADLINE_METRICS
 from pipeline.tracking.naming import (
-    HEADLINE_METRICS,
-    METRIC_EVAL_LOSS,
-    METRIC_IMG_PER_S,
-    METRIC_MFU,
-    METRIC_TOP1,
-    METRIC_TRAIN_LOSS,
     default_tracking_uri,
     experiment_for,
     pretrain_tags,
@@ -54,11 +49,6 @@ from pipeline.tracking.tracker import (
 
 __all__ = [
     "HEADLINE_METRICS",
-    "METRIC_EVAL_LOSS",
-    "METRIC_IMG_PER_S",
-    "METRIC_MFU",
-    "METRIC_TOP1",
-    "METRIC_TRAIN_LOSS",
     "SERVER_URL_FILE",
     "RunSummary",
     "Tracker",

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from pipeline.metric_names import SYSTEM_PREFIX
 from pipeline.tracking.naming import is_remote
 from pipeline.tracking.state import Record
 
@@ -167,7 +168,7 @@ class Store:
         self.client.update_run(run_id, status="RUNNING")
         steps: dict[str, int] = {}
         for m in run.data._metric_objs:  # the latest value per key, at its largest step
-            if not m.key.startswith("system/"):
+            if not m.key.startswith(SYSTEM_PREFIX):
                 steps[m.key] = max(steps.get(m.key, -1), int(m.step))
         return ResumedRun(run.info.experiment_id, run.info.status, dict(run.data.params), steps)
 

@@ -1,4 +1,5 @@
-"""Names that make runs comparable: run names, experiments, URIs, tags and UI links.
+"""Names that make runs comparable: run names, experiments, URIs, tags and UI links (metric keys:
+pipeline/metric_names.py).
 
 Nothing here talks to MLflow; these are pure functions over the config and the environment,
 so the launcher and the compare CLI can use them without importing mlflow.
@@ -15,15 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import Config, TrackingConfig
-
-# The headline metrics, named the same in pretraining and fine-tuning so runs of both stages
-# line up in the MLflow UI and in `launch/compare.py`.
-METRIC_TOP1 = "eval/top1"
-METRIC_EVAL_LOSS = "eval/loss"
-METRIC_TRAIN_LOSS = "train/loss"
-METRIC_IMG_PER_S = "train/img_per_s"
-METRIC_MFU = "train/mfu"
-HEADLINE_METRICS: tuple[str, ...] = (METRIC_TOP1, METRIC_EVAL_LOSS, METRIC_TRAIN_LOSS, METRIC_IMG_PER_S, METRIC_MFU)
 
 # Tag keys the tracker and the fine-tune stage set (dotted like the params).
 TAG_PRETRAIN_RUN_ID = "pretrain.run_id"

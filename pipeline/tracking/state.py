@@ -8,7 +8,11 @@
   numbered (``seq``), by the caller before it is queued; ``tracking.json``'s ``wal_settled`` is the
   highest ``seq`` up to which every record was delivered, refused or moved to the buffer file. A
   kill loses nothing: the next tracker of the run moves the unsettled tail into the buffer. It is
-  also the run's history for the loss/accuracy plot.
+  also the run's history for the loss/accuracy plot. It is not ``metrics.jsonl``
+  (train/metrics_log.py), although both hold the metric values: the WAL exists only where a tracker
+  does, carries params, tags and artifacts too, and must stay append-only for its numbering, so it
+  keeps the points a rollback superseded (as MLflow does); ``metrics.jsonl`` is written with
+  tracking off too and holds only the trajectory that counts (one value per key and step).
 - ``tracking.lock``: the writer's lease, so two jobs never write into one run.
 
 No mlflow import here: these are plain files.

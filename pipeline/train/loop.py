@@ -6,7 +6,6 @@ Every rank runs this same code (STYLE: one loop you read top to bottom). The col
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,21 +17,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import metric_names as mn
 from pipeline.config import Config
 from pipeline.data import DataError, soft_target_cross_entropy
-from pipeline.durable import atomic_write
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
 from pipeline.train import preemption, space
 from pipeline.train.dist_env import detect
 from pipeline.train.metrics import Window, mfu
+from pipeline.train.metrics_log import MetricsLog
 from pipeline.train.recipe import set_lr
 from pipeline.train.setup import Run, build_run, finish_run, resume_candidate, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 # Test hook: optimizer step numbers (1-based, as logged) whose loss is made NaN on rank 0.
 NONFINITE_ENV = "PIPELINE_INJECT_NONFINITE"
 _SEED_MASK, _TAG_FORWARD = (1 << 63) - 1, 0xD409
@@ -59,6 +58,7 @@ class TrainResult:
 class Progress:
     """Loop counters that are not part of the checkpointed state."""
 
+    local_log: MetricsLog  # <run_dir>/metrics.jsonl (written by rank 0)
     consecutive_skips: int = 0
     first_skip_step: int = 0
     rollbacks: int = 0
@@ -67,7 +67,6 @@ class Progress:
     window: Window = field(default_factory=Window)
     last_metrics: dict[str, float] = field(default_factory=dict)
     ckpt_bytes: int = 0  # one checkpoint's size: the last one written, or an estimate before it
-    logged: dict[str, int] = field(default_factory=dict)  # highest step per key in metrics.jsonl (rank 0)
 
 
 def run(
@@ -108,7 +107,9 @@ def run(
 
 def _train(r: Run, kill_wait_s: float) -> TrainResult:
     p = Progress(
-        last_saved_step=r.state["step"] if r.resumed else -1, ckpt_bytes=_checkpoint_bytes(r), logged=_logged_steps(r)
+        last_saved_step=r.state["step"] if r.resumed else -1,
+        ckpt_bytes=_checkpoint_bytes(r),
+        local_log=MetricsLog(r.run_dir, enabled=r.env.rank == 0),
     )
     _warn_space(r, p)
     _supersede(r, p, to_step=r.state["step"], from_step=None)  # steps a killed attempt ran past its checkpoint
@@ -255,21 +256,21 @@ def _log_step(r: Run, p: Progress) -> None:
     lr = r.schedule.lr(r.state["samples_seen"])
     per_device = w["img_per_s"] / r.env.world_size
     metrics = {
-        "train/loss": w["loss"],
-        "train/lr": lr,
-        "train/img_per_s": w["img_per_s"],
-        "train/samples_seen": float(r.state["samples_seen"]),
-        "train/skipped_steps": float(r.state["skipped_steps"]),
-        "train/epoch": float(r.train_loader.epoch),
-        "data/wait_frac": w["wait_frac"],
+        mn.TRAIN_LOSS: w["loss"],
+        mn.TRAIN_LR: lr,
+        mn.TRAIN_IMG_PER_S: w["img_per_s"],
+        mn.TRAIN_SAMPLES_SEEN: float(r.state["samples_seen"]),
+        mn.TRAIN_SKIPPED_STEPS: float(r.state["skipped_steps"]),
+        mn.TRAIN_EPOCH: float(r.train_loader.epoch),
+        mn.DATA_WAIT_FRAC: w["wait_frac"],
         **{k: float(v) for k, v in counters.items()},
     }
     norm = ds.grad_norm(r.engine)
     if norm is not None:
-        metrics["train/grad_norm"] = norm
+        metrics[mn.TRAIN_GRAD_NORM] = norm
     util = mfu(per_device, r.macs, r.peak_tflops)
     if util is not None:
-        metrics["train/mfu"] = util
+        metrics[mn.TRAIN_MFU] = util
     _record(r, p, metrics)
     remaining = (r.schedule.total_samples - r.state["samples_seen"]) / max(w["img_per_s"], 1e-9)
     log.info(
@@ -280,52 +281,19 @@ def _log_step(r: Run, p: Progress) -> None:
 
 
 def _record(r: Run, p: Progress, metrics: dict[str, float]) -> None:
-    """To MLflow, and to <run_dir>/metrics.jsonl: a plain record that needs no server to read.
-
-    One value per key and step in metrics.jsonl (README, "Metrics: one value per step"): the lines of
-    steps that training went back over were removed by ``_supersede``."""
+    """To MLflow, and to <run_dir>/metrics.jsonl: a plain record that needs no server to read
+    (train/metrics_log.py says why these are two files)."""
     step = r.state["step"]
     r.tracker.log_metrics(metrics, step=step)
     p.last_metrics.update(metrics)
-    # A key already recorded at this step (an evaluation repeated by the start of a complete run) is
-    # the same trajectory: not written twice.
-    fresh = {k: v for k, v in metrics.items() if step > p.logged.get(k, -1)}
-    if r.env.rank == 0 and fresh:
-        p.logged.update(dict.fromkeys(fresh, step))
-        with open(r.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **fresh}) + "\n")
-
-
-def _read_metrics_file(r: Run) -> list[dict]:
-    path = r.run_dir / METRICS_FILE
-    if r.env.rank != 0 or not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line torn by a kill mid-write
-    return out
-
-
-def _logged_steps(r: Run) -> dict[str, int]:
-    logged: dict[str, int] = {}
-    for record in _read_metrics_file(r):
-        for key in record:
-            if key not in ("step", "time"):
-                logged[key] = max(logged.get(key, -1), int(record["step"]))
-    return logged
+    p.local_log.record(step, metrics)
 
 
 def _supersede(r: Run, p: Progress, *, to_step: int, from_step: int | None) -> None:
     """Training goes on from the checkpoint of ``to_step`` (a rollback, or a resume after a kill): the
     lines of later steps leave metrics.jsonl (their re-run replaces them), and the tracker marks the
     superseded MLflow points (MLflow cannot delete them)."""
-    if r.env.rank == 0 and max(p.logged.values(), default=-1) > to_step:
-        kept = [rec for rec in _read_metrics_file(r) if int(rec["step"]) <= to_step]
-        atomic_write(r.run_dir / METRICS_FILE, "".join(json.dumps(rec) + "\n" for rec in kept))
-        p.logged = {k: min(v, to_step) for k, v in p.logged.items()}
+    p.local_log.supersede(to_step)
     r.tracker.rolled_back(to_step, from_step)
 
 
@@ -359,7 +327,7 @@ def _evaluate(r: Run, p: Progress) -> None:
     r.engine.train()
     dist.all_reduce(counts)
     top1, top5, loss = (counts[:3] / counts[3].clamp(min=1)).tolist()
-    _record(r, p, {"eval/top1": top1, "eval/top5": top5, "eval/loss": loss})
+    _record(r, p, {mn.EVAL_TOP1: top1, mn.EVAL_TOP5: top5, mn.EVAL_LOSS: loss})
     log.info(
         "eval at step %d: top-1 %.4f, top-5 %.4f, loss %.4f on %d images",
         r.state["step"], top1, top5, loss, int(counts[3]),

@@ -3,7 +3,10 @@
 
 One rule, :func:`plan_resume`, called by the launcher before anything is queued
 (launch/checks.py) and by every rank before its first step (pipeline/train/setup.py). It reads
-only configs: no torch, so the launcher stays light.
+only configs: no torch, so the launcher stays light. The same two callers share
+:func:`require_checkpoint` (``checkpoint.resume=require`` with nothing to resume) and
+:func:`needs_universal` / :func:`world_size_change` (what a resume at another world size does), so
+what the launcher announces is what the ranks do.
 
 - Honoured, logged: where and how the run executes (tracking, launch, logging/eval/checkpoint
   cadence, device, threads, loader workers, gradient checkpointing, offload).
@@ -17,10 +20,11 @@ only configs: no torch, so the launcher stays light.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, config_from_dict, flatten
-from pipeline.train.checkpoint import CheckpointError
+from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 
 # Keys that change where or how fast the run executes, never what it computes.
 _SAFE_PREFIXES = ("tracking.", "launch.")
@@ -57,6 +61,34 @@ class ResumePlan:
     @property
     def steps_changed(self) -> bool:
         return self.steps[0] != self.steps[1]
+
+
+def require_checkpoint(
+    info: ResumeInfo | None, cfg: Config, run_dir: Path, *, fix: str = "point train.run_dir at the run to resume"
+) -> None:
+    """Raise CheckpointError when ``checkpoint.resume=require`` finds nothing to resume; ``fix`` says how,
+    in the caller's terms (the launcher's ``--run-dir``, the ranks' ``train.run_dir``)."""
+    if info is None and cfg.checkpoint.resume == "require":
+        raise CheckpointError(f"checkpoint.resume=require but {run_dir} has no checkpoints; {fix}")
+
+
+def needs_universal(info: ResumeInfo, world_size: int) -> bool:
+    """Whether the checkpoint must be converted to a universal one before loading.
+
+    ZeRO stages 1-3 cut the optimizer state (stage 3 the weights too) into one file per rank, which
+    another world size cannot load as saved; stage 0 keeps whole copies, which load on any world size.
+    """
+    return info.world_size != world_size and info.zero_stage > 0
+
+
+def world_size_change(info: ResumeInfo, world_size: int) -> str | None:
+    """What resuming ``info`` on ``world_size`` ranks does, said the same by the launcher and the ranks."""
+    if info.world_size == world_size:
+        return None
+    head = f"{info.tag} was saved by {info.world_size} ranks, resuming on {world_size}"
+    if needs_universal(info, world_size):
+        return f"{head}: converting to a universal checkpoint"
+    return f"{head}: loaded as saved (ZeRO stage 0 keeps whole copies, no conversion needed)"
 
 
 def plan_resume(

@@ -38,7 +38,7 @@ from pipeline.train.lease import RunDirBusy
 from pipeline.train.metrics import device_peak_tflops
 from pipeline.train.placement import plan_cpus
 from pipeline.train.recipe import Schedule, make_schedule, param_groups
-from pipeline.train.resume import ResumePlan, plan_resume
+from pipeline.train.resume import ResumePlan, needs_universal, plan_resume, require_checkpoint, world_size_change
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     _seed_all(cfg.train.seed)  # identical initial weights on every rank
     model, init_report = _build_model(cfg, fresh=info is None)
     groups = param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.finetune.layer_decay)
-    universal = info is not None and info.world_size != env.world_size and info.zero_stage > 0
+    universal = info is not None and needs_universal(info, env.world_size)
     load_tag = _prepare_universal(info, env) if universal else (info.tag if info else None)
     engine = ds.initialize(model, groups, ds.ds_config(cfg, plan, device, load_universal=universal), device)
     if info is not None:
@@ -171,18 +171,13 @@ def _hold_run_dir(run_dir: Path, env: DistEnv) -> None:
 def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
     """The checkpoint to resume from, after checking it fits this config (before any step)."""
     info = resume_candidate(run_dir, env)
+    require_checkpoint(info, cfg, run_dir)
     if info is None:
-        if cfg.checkpoint.resume == "require":
-            raise CheckpointError(
-                f"checkpoint.resume=require but {run_dir} has no checkpoints; point train.run_dir at the run to resume"
-            )
         return None
     ckpt.check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
-    if info.world_size != env.world_size:
-        log.warning(
-            "%s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
-            info.tag, info.world_size, env.world_size,
-        )  # fmt: skip
+    change = world_size_change(info, env.world_size)
+    if change:
+        log.warning("%s", change)
     return info
 
 

@@ -87,3 +87,55 @@ def test_a_global_batch_that_cannot_be_kept_is_refused_with_the_fix() -> None:
     for (world_size, override), message in refusals.items():
         with pytest.raises(ResumeRefused, match=message):
             plan(*filter(None, [override]), world_size=world_size)
+
+
+def _saved_run(run_dir, *, zero_stage: int):
+    """A committed checkpoint of 2 ranks at step 10 (bookkeeping files only: nothing is loaded here)."""
+    import json
+
+    from pipeline.train.checkpoint import commit, tag_for
+
+    tag_dir = run_dir / "checkpoints" / tag_for(10)
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    saved = config_to_dict(cfg(f"train.zero_stage={zero_stage}"))
+    (tag_dir / "trainer_state.json").write_text(json.dumps({"step": 10, "config": saved}))
+    commit(tag_dir, {"step": 10, "samples_seen": 320, "world_size": 2, "zero_stage": zero_stage,
+                     "model": saved["model"]})  # fmt: skip
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_the_launcher_announces_what_the_ranks_do_at_another_world_size(
+    tmp_path, caplog: pytest.LogCaptureFixture, zero_stage: int
+) -> None:
+    """Resuming 2 ranks' checkpoint on 1: the launcher used to announce a universal conversion for ZeRO
+    stage 0 too, where the ranks load the checkpoint as saved."""
+    from launch.checks import check_resume
+    from pipeline.train.dist_env import DistEnv
+    from pipeline.train.resume import needs_universal
+    from pipeline.train.setup import _resume_info
+
+    _saved_run(tmp_path, zero_stage=zero_stage)
+    one_rank = cfg(
+        f"train.zero_stage={zero_stage}", "launch.nodes=1", "launch.ranks_per_node=1", f"train.run_dir={tmp_path}"
+    )
+    announced = check_resume(one_rank, tmp_path)
+    info = _resume_info(one_rank, DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single"), tmp_path)
+    said = [r.getMessage() for r in caplog.records if "resuming on 1" in r.getMessage()]
+    does = "converting to a universal checkpoint" if zero_stage else "loaded as saved (ZeRO stage 0 keeps whole copies"
+    assert len(said) == 1 and said[0].startswith(f"step_00000010 was saved by 2 ranks, resuming on 1: {does}")
+    assert said[0] in announced  # the launcher says the very sentence the ranks log
+    assert ("universal" in announced) is bool(zero_stage) is needs_universal(info, 1)
+
+
+def test_resume_require_without_a_checkpoint_names_the_fix_in_the_callers_terms(tmp_path) -> None:
+    from launch.checks import Refused, check_resume
+    from pipeline.train.checkpoint import CheckpointError
+    from pipeline.train.dist_env import DistEnv
+    from pipeline.train.setup import _resume_info
+
+    required = cfg("checkpoint.resume=require", f"train.run_dir={tmp_path}")
+    with pytest.raises(Refused, match=r"checkpoint\.resume=require but .* has no checkpoints; pass --run-dir of"):
+        check_resume(required, tmp_path)
+    with pytest.raises(CheckpointError, match=r"has no checkpoints; point train\.run_dir at the run to resume"):
+        _resume_info(required, DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single"), tmp_path)

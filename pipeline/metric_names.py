@@ -1,0 +1,63 @@
+"""Every metric key the project logs, in one table (STYLE 9: keys are namespaced ``area/name``).
+
+========================  ===============================================  ==================================
+key                       unit                                             logged by
+========================  ===============================================  ==================================
+``train/loss``            mean cross-entropy (nats) over the log window    train/loop.py, every log_every steps
+``train/lr``              learning rate at the logged step                 train/loop.py
+``train/img_per_s``       images per second, all ranks together            train/loop.py
+``train/samples_seen``    samples since the run began                      train/loop.py
+``train/skipped_steps``   optimizer steps skipped for non-finite values    train/loop.py
+``train/epoch``           epoch of the train stream                        train/loop.py
+``train/grad_norm``       global L2 norm of the gradients                  train/loop.py (when DeepSpeed has it)
+``train/mfu``             fraction of the device's peak FLOP/s             train/loop.py (when the peak is known)
+``train/step_time_s``     seconds per step                                 tracking/bench.py only
+``data/wait_frac``        fraction of the window spent waiting for data    train/loop.py
+``data/samples_read``     samples read, summed over ranks                  data/loader.py counts, loop logs
+``data/skipped_<kind>``   samples skipped, one key per tario.SKIP_KINDS    data/loader.py counts, loop logs
+``eval/top1``             fraction of val images, top-1 correct            train/loop.py, every eval_every steps
+``eval/top5``             fraction of val images, top-5 correct            train/loop.py
+``eval/loss``             mean cross-entropy (nats) over the val split     train/loop.py
+``system/...``            MLflow's system metrics (``system/<node>/...``)  tracking/backend.py (MLflow's monitor)
+========================  ===============================================  ==================================
+
+The same names go to both local records of a run, which are two files on purpose:
+``<run_dir>/metrics.jsonl`` (train/metrics_log.py: rank 0's plain per-step record, written with
+tracking off too, one value per key and step) and ``<run_dir>/tracking_wal.jsonl``
+(tracking/state.py: the tracker's write-ahead log of everything bound for MLflow, params and tags
+included, append-only so a killed job loses nothing). See those modules for why they are not one.
+
+A leaf module (no imports): the data loader, the tracker, the loop and the launcher all name keys
+from here without importing each other.
+"""
+
+from __future__ import annotations
+
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_IMG_PER_S = "train/img_per_s"
+TRAIN_SAMPLES_SEEN = "train/samples_seen"
+TRAIN_SKIPPED_STEPS = "train/skipped_steps"
+TRAIN_EPOCH = "train/epoch"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_MFU = "train/mfu"
+TRAIN_STEP_TIME_S = "train/step_time_s"
+
+DATA_WAIT_FRAC = "data/wait_frac"
+DATA_SAMPLES_READ = "data/samples_read"
+DATA_SKIPPED_PREFIX = "data/skipped_"
+
+EVAL_TOP1 = "eval/top1"
+EVAL_TOP5 = "eval/top5"
+EVAL_LOSS = "eval/loss"
+
+SYSTEM_PREFIX = "system/"
+
+# The headline metrics, named the same in pretraining and fine-tuning so runs of both stages line up
+# in the MLflow UI and in `launch/compare.py`.
+HEADLINE_METRICS: tuple[str, ...] = (EVAL_TOP1, EVAL_LOSS, TRAIN_LOSS, TRAIN_IMG_PER_S, TRAIN_MFU)
+
+
+def data_skipped(kind: str) -> str:
+    """``data/skipped_<kind>``: the counter of samples skipped for one of tario.SKIP_KINDS."""
+    return DATA_SKIPPED_PREFIX + kind
