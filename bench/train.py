@@ -127,17 +127,18 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
     from pipeline.train.dist_env import detect
     from pipeline.train.loop import _step
     from pipeline.train.setup import build_run, save_checkpoint
+    from pipeline.train.stage import pretraining
 
     cfg = load_config(None, [
         f"data.path={shards}", f"train.run_dir={run_dir}", "model.preset=S/16", "model.image_size=32",
         "model.patch_size=16", "train.micro_batch_size=8", f"checkpoint.keep_last={saves}", "tracking.enabled=false",
         "data.num_workers=0",
     ])  # fmt: skip
-    r = build_run(cfg, detect(), [])
+    r = build_run(cfg, detect(), [], pretraining(cfg))
     _step(r, iter(r.train_loader))  # creates the AdamW moments, so the checkpoint has its full size
     crc32, crc_tag = ckpt.file_checksum, None
     for i in range(saves):
-        r.state["step"] = i + 1
+        r.state.step = i + 1
         checksums = i % 2 == 1  # saves without and with checksums alternate (the first, dropped, without)
         ckpt.file_checksum = crc32 if checksums else (lambda path: "-")
         if r.env.rank == 0:

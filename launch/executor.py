@@ -265,7 +265,8 @@ class RankJob:
         run_dir, rank0 = Path(self.cfg.train.run_dir), env.global_rank == 0
         if rank0:
             jobfile.record_attempt_start(run_dir, job_id=env.job_id, restart=restart, hosts=list(env.hostnames))
-        from pipeline.train import run  # here, not at the top: the submitter never imports torch
+        from pipeline.stages import stage_for  # here, not at the top: the submitter never imports torch
+        from pipeline.train import run
 
         def record_end(result: Any, outcome: str) -> None:
             undelivered = {"undelivered": result.undelivered} if result.undelivered else {}
@@ -276,7 +277,7 @@ class RankJob:
 
         try:
             result = run(
-                self.cfg, overrides=list(self.overrides), kill_wait_s=self.kill_wait_s,
+                self.cfg, stage=stage_for(self.cfg), overrides=list(self.overrides), kill_wait_s=self.kill_wait_s,
                 on_terminated=(lambda res: record_end(res, "cancelled")) if rank0 else None,
             )  # fmt: skip
         except BaseException as e:

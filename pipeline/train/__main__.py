@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from pipeline.stages import stage_for  # the entry point picks the stage: the engine imports none
     from pipeline.train import run
 
-    result = run(cfg, overrides=args.overrides)
+    result = run(cfg, stage=stage_for(cfg), overrides=args.overrides)
     if result.status != "completed":
         return 3
     return 4 if result.undelivered else 0  # trained, but the tracking store never got everything

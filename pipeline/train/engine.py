@@ -16,12 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from pipeline.config import BatchPlan, Config
 from pipeline.train.checkpoint import CheckpointError, read_torch
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine as Engine  # for annotations; deepspeed loads on first use
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +80,23 @@ def ds_config(cfg: Config, plan: BatchPlan, device: Device, *, load_universal: b
     }
 
 
-def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict, device: Device) -> Any:
+def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict, device: Device) -> Engine:
     ds = _deepspeed(device)
     engine, *_ = ds.initialize(model=model, model_parameters=param_groups, config=config)
     return engine
 
 
-def param_groups_of(engine: Any) -> list[dict]:
+def param_groups_of(engine: Engine) -> list[dict]:
     """The optimizer's parameter groups (ours, carried through ZeRO's wrappers)."""
     return engine.optimizer.param_groups
 
 
 # Plain stage 0's gradient norm, measured by guard_nonfinite_grads (DeepSpeed reports none there). Kept
 # here rather than as an attribute on DeepSpeed's engine object, whose attributes are DeepSpeed's.
-_MEASURED_NORM: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+_MEASURED_NORM: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
 
 
-def grad_norm(engine: Any) -> float | None:
+def grad_norm(engine: Engine) -> float | None:
     norm = engine.get_global_grad_norm()
     if norm is None:
         norm = _MEASURED_NORM.get(engine)
@@ -104,7 +107,7 @@ def _plain_fp32(cfg: Config) -> bool:
     return cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
 
 
-def guard_nonfinite_grads(engine: Any, max_norm: float) -> bool:
+def guard_nonfinite_grads(engine: Engine, max_norm: float) -> bool:
     """Plain stage-0 fp32 only: clip, or drop non-finite gradients; True if it dropped them.
 
     ZeRO stages 1-3 and bf16/fp16 skip a step whose gradient norm is not finite themselves; plain
@@ -126,12 +129,12 @@ def guard_nonfinite_grads(engine: Any, max_norm: float) -> bool:
     return True
 
 
-def step_applied(engine: Any) -> bool:
+def step_applied(engine: Engine) -> bool:
     return bool(engine.was_step_applied())
 
 
 @contextmanager
-def _recording(engine: Any, method: Literal["save", "load"]) -> Iterator[list[Path]]:
+def _recording(engine: Engine, method: Literal["save", "load"]) -> Iterator[list[Path]]:
     """The paths this rank passes to the checkpoint engine's ``save``/``load`` meanwhile.
 
     DeepSpeed routes every shard it writes or reads through ``engine.checkpoint_engine``
@@ -161,7 +164,7 @@ def _recording(engine: Any, method: Literal["save", "load"]) -> Iterator[list[Pa
             delattr(target, method)
 
 
-def save(engine: Any, ckpt_dir: Path, tag: str) -> list[Path]:
+def save(engine: Engine, ckpt_dir: Path, tag: str) -> list[Path]:
     """Collective: every rank writes its shards. ``latest`` is ours (written after the commit).
 
     Returns the files this rank wrote (DeepSpeed's own recovery-script copy is not among them).
@@ -171,7 +174,7 @@ def save(engine: Any, ckpt_dir: Path, tag: str) -> list[Path]:
     return written
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str) -> None:
+def load(engine: Engine, ckpt_dir: Path, tag: str) -> None:
     """Collective load of ``tag``; any failure raises CheckpointError naming the file being read."""
     with _recording(engine, "load") as read:
         try:
@@ -229,7 +232,7 @@ def to_universal(tag_dir: Path) -> Path:
     return out
 
 
-def gathered_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+def gathered_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
     """Collective: the live module weights, full, in fp32, on rank 0 (None elsewhere).
 
     Under ZeRO-3 the partitions are gathered; under bf16 these are the bf16 module weights (the

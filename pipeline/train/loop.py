@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from pipeline import metric_names as mn
 from pipeline.config import Config
-from pipeline.data import DataError, soft_target_cross_entropy
+from pipeline.data import DataError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
@@ -29,6 +29,7 @@ from pipeline.train.metrics import Window, mfu
 from pipeline.train.metrics_log import MetricsLog
 from pipeline.train.recipe import set_lr
 from pipeline.train.setup import Run, build_run, finish_run, resume_candidate, save_checkpoint
+from pipeline.train.stage import Stage, pretraining
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,14 @@ class Progress:
 def run(
     cfg: Config,
     *,
+    stage: Stage | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     kill_wait_s: float | None = None,
     on_terminated: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train according to ``cfg`` on this rank; resume from ``cfg.train.run_dir`` if it has checkpoints.
+
+    ``stage``: what is trained (``pipeline.stages.stage_for(cfg)``); None: classification pretraining.
 
     ``kill_wait_s``: seconds between SIGTERM and SIGKILL (SLURM's KillWait, passed by the launcher);
     None: SLURM's default, ``preemption.DEFAULT_KILL_WAIT_S``. ``on_terminated``: called with the
@@ -85,7 +89,7 @@ def run(
     """
     env = detect()
     try:
-        r = build_run(cfg, env, list(overrides))
+        r = build_run(cfg, env, list(overrides), stage or pretraining(cfg))
     except BaseException:
         run_lease.end_held("FAILED")  # a job that never started must not keep the run dir
         raise
@@ -107,55 +111,55 @@ def run(
 
 def _train(r: Run, kill_wait_s: float) -> TrainResult:
     p = Progress(
-        last_saved_step=r.state["step"] if r.resumed else -1,
+        last_saved_step=r.state.step if r.resumed else -1,
         ckpt_bytes=_checkpoint_bytes(r),
         local_log=MetricsLog(r.run_dir, enabled=r.env.rank == 0),
     )
     _warn_space(r, p)
-    _supersede(r, p, to_step=r.state["step"], from_step=None)  # steps a killed attempt ran past its checkpoint
+    _supersede(r, p, to_step=r.state.step, from_step=None)  # steps a killed attempt ran past its checkpoint
     data = iter(r.train_loader)
     total = r.schedule.total_samples
     log.info(
         "training %s: step %d, %d/%d samples, global batch %d = %d x %d x %d ranks",
-        r.cfg.name, r.state["step"], r.state["samples_seen"], total, r.plan.global_batch_size,
+        r.cfg.name, r.state.step, r.state.samples_seen, total, r.plan.global_batch_size,
         r.plan.micro_batch_size, r.plan.grad_accum, r.env.world_size,
     )  # fmt: skip
-    if r.state["samples_seen"] >= total:
+    if r.state.samples_seen >= total:
         log.info("this run is already complete (%d samples); nothing to train", total)
-    while r.state["samples_seen"] < total:
-        set_lr(ds.param_groups_of(r.engine), r.schedule.lr(r.state["samples_seen"]))
+    while r.state.samples_seen < total:
+        set_lr(ds.param_groups_of(r.engine), r.schedule.lr(r.state.samples_seen))
         loss, skipped, (preempt, terminate), wait = _step(r, data)
-        r.state["step"] += 1
-        r.state["samples_seen"] += r.plan.global_batch_size
+        r.state.step += 1
+        r.state.samples_seen += r.plan.global_batch_size
         p.window.add(images=r.plan.global_batch_size, data_wait=wait, loss=None if skipped else loss)
         if skipped and _on_skipped(r, p):
             p.window.reset()
             continue  # rolled back: the step counter is the checkpoint's again
         if not skipped:
             p.consecutive_skips = 0
-        if r.state["step"] % r.cfg.train.log_every == 0:
+        if r.state.step % r.cfg.train.log_every == 0:
             _log_step(r, p)
-        if r.cfg.train.eval_every and r.state["step"] % r.cfg.train.eval_every == 0:
+        if r.cfg.train.eval_every and r.state.step % r.cfg.train.eval_every == 0:
             _evaluate(r, p)
         if preempt:
             _save(r, p)
-            log.warning("saved step %d on the pre-timeout signal; stopping for requeue", r.state["step"])
+            log.warning("saved step %d on the pre-timeout signal; stopping for requeue", r.state.step)
             return _result(r, p, "preempted")
         if terminate:
             _stop_on_terminate(r, p, kill_wait_s)
             return _result(r, p, "terminated")
         every = r.cfg.checkpoint.every_steps
-        if every and r.state["step"] % every == 0:
+        if every and r.state.step % every == 0:
             _save(r, p)
-    if not r.cfg.train.eval_every or r.state["step"] % r.cfg.train.eval_every:
+    if not r.cfg.train.eval_every or r.state.step % r.cfg.train.eval_every:
         _evaluate(r, p)
-    if p.last_saved_step != r.state["step"]:
+    if p.last_saved_step != r.state.step:
         _save(r, p)
     return _result(r, p, "completed")
 
 
 def _result(r: Run, p: Progress, status: Literal["completed", "preempted", "terminated"]) -> TrainResult:
-    return TrainResult(status, r.state["step"], r.state["samples_seen"], r.tracker.run_id, dict(p.last_metrics))
+    return TrainResult(status, r.state.step, r.state.samples_seen, r.tracker.run_id, dict(p.last_metrics))
 
 
 def _step(r: Run, data: Any) -> tuple[float, bool, tuple[bool, bool], float]:
@@ -171,8 +175,7 @@ def _step(r: Run, data: Any) -> tuple[float, bool, tuple[bool, bool], float]:
         images = images.to(r.device, r.dtype, non_blocking=True)
         labels = labels.to(r.device, non_blocking=True)
         _seed_forward(r, micro)  # after next(data): a new DataLoader iterator draws its seed from torch
-        images, targets = r.mix(images, labels, step=r.state["step"], micro=micro)
-        loss = soft_target_cross_entropy(engine(images).float(), targets)
+        loss = r.stage.batch_loss(engine, images, labels, rank=r.env.rank, step=r.state.step, micro=micro)
         if inject:
             loss = loss * float("nan")
         engine.backward(loss)
@@ -199,19 +202,19 @@ def _seed_forward(r: Run, micro: int) -> None:
     Gradient checkpointing replays the same draws: torch.utils.checkpoint saves and restores the RNG
     state around the recompute (preserve_rng_state=True, its default).
     """
-    key = [r.cfg.train.seed & _SEED_MASK, r.env.rank, r.state["step"], micro, _TAG_FORWARD]
+    key = [r.cfg.train.seed & _SEED_MASK, r.env.rank, r.state.step, micro, _TAG_FORWARD]
     torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
 
 def _inject_nonfinite(r: Run) -> bool:
     raw = os.environ.get(NONFINITE_ENV, "")
     steps = {int(s) for s in raw.split(",") if s.strip().isdigit()}
-    return r.env.rank == 0 and (r.state["step"] + 1) in steps
+    return r.env.rank == 0 and (r.state.step + 1) in steps
 
 
 def _inject_data_error(r: Run) -> None:
     rank, _, step = os.environ.get(DATA_ERROR_ENV, "").partition("@")
-    if rank.isdigit() and step.isdigit() and int(rank) == r.env.rank and r.state["step"] + 1 == int(step):
+    if rank.isdigit() and step.isdigit() and int(rank) == r.env.rank and r.state.step + 1 == int(step):
         raise DataError(
             f"data: 40 of 48 samples read on rank {r.env.rank} were skipped (83.33%), above data.max_skip_frac "
             f"(injected by {DATA_ERROR_ENV} at step {step}); worst shards: train-000003.tar (40)"
@@ -220,16 +223,14 @@ def _inject_data_error(r: Run) -> None:
 
 def _on_skipped(r: Run, p: Progress) -> bool:
     """Count a skipped step; after K in a row, roll back once (True), then stop with the step range."""
-    r.state["skipped_steps"] += 1
+    r.state.skipped_steps += 1
     if p.consecutive_skips == 0:
-        p.first_skip_step = r.state["step"]
+        p.first_skip_step = r.state.step
     p.consecutive_skips += 1
-    log.warning(
-        "step %d: non-finite loss or gradient, update skipped (%d in a row)", r.state["step"], p.consecutive_skips
-    )
+    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", r.state.step, p.consecutive_skips)
     if p.consecutive_skips < r.cfg.train.max_nonfinite_steps:
         return False
-    span = f"steps {p.first_skip_step}-{r.state['step']}"
+    span = f"steps {p.first_skip_step}-{r.state.step}"
     if p.rollbacks:
         raise NonFiniteError(
             f"non-finite loss/gradients again at {span} after rolling back once; lower optim.lr, raise "
@@ -241,9 +242,8 @@ def _on_skipped(r: Run, p: Progress) -> bool:
     log.warning("%s non-finite: rolling back to %s and skipping that data window", span, info.tag)
     ds.load(r.engine, ckpt.checkpoints_dir(r.run_dir), info.tag)
     saved = ckpt.read_state(info.path)
-    for key in ("step", "samples_seen", "skipped_steps"):
-        r.state[key] = saved[key]
-    r.state["skipped_steps"] += p.consecutive_skips  # the skipped steps still happened
+    r.state.step, r.state.samples_seen = saved["step"], saved["samples_seen"]
+    r.state.skipped_steps = saved["skipped_steps"] + p.consecutive_skips  # the skipped steps still happened
     _supersede(r, p, to_step=saved["step"], from_step=p.first_skip_step + p.consecutive_skips - 1)
     p.rollbacks += 1
     p.consecutive_skips = 0
@@ -253,14 +253,14 @@ def _on_skipped(r: Run, p: Progress) -> bool:
 def _log_step(r: Run, p: Progress) -> None:
     w = p.window.summary()
     counters = _sum_counters(r.train_loader.counters())
-    lr = r.schedule.lr(r.state["samples_seen"])
+    lr = r.schedule.lr(r.state.samples_seen)
     per_device = w["img_per_s"] / r.env.world_size
     metrics = {
         mn.TRAIN_LOSS: w["loss"],
         mn.TRAIN_LR: lr,
         mn.TRAIN_IMG_PER_S: w["img_per_s"],
-        mn.TRAIN_SAMPLES_SEEN: float(r.state["samples_seen"]),
-        mn.TRAIN_SKIPPED_STEPS: float(r.state["skipped_steps"]),
+        mn.TRAIN_SAMPLES_SEEN: float(r.state.samples_seen),
+        mn.TRAIN_SKIPPED_STEPS: float(r.state.skipped_steps),
         mn.TRAIN_EPOCH: float(r.train_loader.epoch),
         mn.DATA_WAIT_FRAC: w["wait_frac"],
         **{k: float(v) for k, v in counters.items()},
@@ -272,10 +272,10 @@ def _log_step(r: Run, p: Progress) -> None:
     if util is not None:
         metrics[mn.TRAIN_MFU] = util
     _record(r, p, metrics)
-    remaining = (r.schedule.total_samples - r.state["samples_seen"]) / max(w["img_per_s"], 1e-9)
+    remaining = (r.schedule.total_samples - r.state.samples_seen) / max(w["img_per_s"], 1e-9)
     log.info(
         "step %d/%d | loss %.4f | lr %.2e | %.1f img/s | data %.0f%% | eta %s",
-        r.state["step"], r.total_steps, w["loss"], lr, w["img_per_s"], 100 * w["wait_frac"], _hms(remaining),
+        r.state.step, r.total_steps, w["loss"], lr, w["img_per_s"], 100 * w["wait_frac"], _hms(remaining),
     )  # fmt: skip
     p.window.reset()
 
@@ -283,7 +283,7 @@ def _log_step(r: Run, p: Progress) -> None:
 def _record(r: Run, p: Progress, metrics: dict[str, float]) -> None:
     """To MLflow, and to <run_dir>/metrics.jsonl: a plain record that needs no server to read
     (train/metrics_log.py says why these are two files)."""
-    step = r.state["step"]
+    step = r.state.step
     r.tracker.log_metrics(metrics, step=step)
     p.last_metrics.update(metrics)
     p.local_log.record(step, metrics)
@@ -330,10 +330,9 @@ def _evaluate(r: Run, p: Progress) -> None:
     _record(r, p, {mn.EVAL_TOP1: top1, mn.EVAL_TOP5: top5, mn.EVAL_LOSS: loss})
     log.info(
         "eval at step %d: top-1 %.4f, top-5 %.4f, loss %.4f on %d images",
-        r.state["step"], top1, top5, loss, int(counts[3]),
+        r.state.step, top1, top5, loss, int(counts[3]),
     )  # fmt: skip
-    if r.on_eval is not None:
-        r.on_eval(r, top1)
+    r.stage.after_eval(r, top1)
 
 
 def _stop_on_terminate(r: Run, p: Progress, kill_wait_s: float) -> None:
@@ -348,7 +347,7 @@ def _stop_on_terminate(r: Run, p: Progress, kill_wait_s: float) -> None:
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     elapsed, last_save = float(worst[0]), (float(worst[1]) if worst[1] >= 0 else None)
     decision = preemption.save_fits(kill_wait_s=kill_wait_s, elapsed_s=elapsed, last_save_s=last_save)
-    step = r.state["step"]
+    step = r.state.step
     if p.last_saved_step == step:
         log.warning("stopping on SIGTERM at step %d, already saved", step)
     elif decision.save:
@@ -366,11 +365,11 @@ def _save(r: Run, p: Progress) -> None:
     except (OSError, RuntimeError) as e:
         ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
         if space.is_out_of_space(e, ckpt_dir, p.ckpt_bytes):
-            tag_dir = ckpt_dir / ckpt.tag_for(r.state["step"])
-            raise space.out_of_space_error(tag_dir, r.state["step"], r.cfg.checkpoint.keep_last, e) from e
+            tag_dir = ckpt_dir / ckpt.tag_for(r.state.step)
+            raise space.out_of_space_error(tag_dir, r.state.step, r.cfg.checkpoint.keep_last, e) from e
         raise
     p.last_save_s = time.perf_counter() - t0
-    p.last_saved_step = r.state["step"]
+    p.last_saved_step = r.state.step
     p.ckpt_bytes = space.tree_bytes(tag_dir) if r.env.rank == 0 else p.ckpt_bytes
 
 
@@ -388,6 +387,6 @@ def _warn_space(r: Run, p: Progress) -> None:
     if r.env.rank == 0:
         ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
         keep = r.cfg.checkpoint.keep_last
-        warning = space.space_warning(ckpt_dir, one_bytes=p.ckpt_bytes, keep_last=keep, step=r.state["step"])
+        warning = space.space_warning(ckpt_dir, one_bytes=p.ckpt_bytes, keep_last=keep, step=r.state.step)
         if warning:
             log.warning("%s", warning)

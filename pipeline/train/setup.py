@@ -14,21 +14,20 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.config import BatchPlan, Config, config_to_dict, flatten, save_config
-from pipeline.data import MixupCutmix, build_loader, build_val_loader, check_classes, read_index
+from pipeline.data import TrainLoader, ValLoader, build_loader, build_val_loader, check_classes, read_index
 from pipeline.durable import atomic_write
 from pipeline.logs import setup_logging
 from pipeline.model import ViT, forward_macs
-from pipeline.tracking import experiment_for, open_tracker, pretrain_tags, run_name_for, run_tags
+from pipeline.tracking import Tracker, experiment_for, open_tracker, run_name_for, run_tags
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
@@ -37,14 +36,49 @@ from pipeline.train.dist_env import DistEnv
 from pipeline.train.lease import RunDirBusy
 from pipeline.train.metrics import device_peak_tflops
 from pipeline.train.placement import plan_cpus
-from pipeline.train.recipe import Schedule, make_schedule, param_groups
+from pipeline.train.recipe import Schedule, make_schedule
 from pipeline.train.resume import ResumePlan, needs_universal, plan_resume, require_checkpoint, world_size_change
+from pipeline.train.stage import Stage
+
+if TYPE_CHECKING:
+    from pipeline.train.engine import Engine
 
 log = logging.getLogger(__name__)
 
 # Test hook, "SECONDS@STEP": the last rank sleeps that long between writing its shards of the
 # step-STEP checkpoint and the commit barrier, so a test can kill the job mid-checkpoint.
 SAVE_PAUSE_ENV = "PIPELINE_TEST_SAVE_PAUSE"
+
+
+@dataclass
+class TrainerState:
+    """Checkpointed progress, as trainer_state.json holds it (the engine adds ``loader`` and ``config``)."""
+
+    step: int
+    samples_seen: int
+    skipped_steps: int
+    schedule: Schedule
+    run_id: str | None = None
+    best_top1: float | None = None  # the best evaluation so far (fine-tuning's export_best); absent until then
+    unknown: dict[str, Any] = field(default_factory=dict)  # keys this version does not read: written back as found
+
+    _WRITTEN_AT_SAVE = ("loader", "config")
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainerState:
+        known = {"step", "samples_seen", "skipped_steps", "schedule", "run_id", "best_top1", *cls._WRITTEN_AT_SAVE}
+        return cls(
+            step=saved["step"], samples_seen=saved["samples_seen"], skipped_steps=saved["skipped_steps"],
+            schedule=Schedule(**saved["schedule"]), run_id=saved.get("run_id"), best_top1=saved.get("best_top1"),
+            unknown={k: v for k, v in saved.items() if k not in known},
+        )  # fmt: skip
+
+    def to_dict(self, *, loader: dict, config: dict) -> dict[str, Any]:
+        out = {**self.unknown, "step": self.step, "samples_seen": self.samples_seen}
+        out.update(skipped_steps=self.skipped_steps, schedule=self.schedule.to_dict(), run_id=self.run_id)
+        if self.best_top1 is not None:
+            out["best_top1"] = self.best_top1
+        return {**out, "loader": loader, "config": config}
 
 
 @dataclass
@@ -55,22 +89,24 @@ class Run:
     dtype: torch.dtype
     plan: BatchPlan
     run_dir: Path
-    engine: Any
-    train_loader: Any
-    val_loader: Any
-    tracker: Any
-    mix: Any
-    schedule: Schedule
-    state: dict  # checkpointed progress: step, samples_seen, skipped_steps, run_id, ...
+    stage: Stage
+    engine: Engine
+    train_loader: TrainLoader
+    val_loader: ValLoader | None
+    tracker: Tracker
+    state: TrainerState
     resumed: bool
     macs: int
     peak_tflops: float | None
-    on_eval: Callable[[Run, float], None] | None = None
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.state.schedule
 
     @property
     def total_steps(self) -> int:
-        left = max(0, self.schedule.total_samples - self.state["samples_seen"])
-        return self.state["step"] + -(-left // self.plan.global_batch_size)
+        left = max(0, self.schedule.total_samples - self.state.samples_seen)
+        return self.state.step + -(-left // self.plan.global_batch_size)
 
 
 def _device(choice: str) -> ds.Device:
@@ -93,7 +129,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
+def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> Run:
     device = _device(cfg.train.device)
     dtype = _dtype(cfg.train.precision, device)
     env.export()
@@ -116,8 +152,8 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
     resume = _plan_resume(cfg, env, info)
     plan = cfg.batch_plan(env.world_size)
     _seed_all(cfg.train.seed)  # identical initial weights on every rank
-    model, init_report = _build_model(cfg, fresh=info is None)
-    groups = param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.finetune.layer_decay)
+    model = _build_model(cfg, stage, fresh=info is None)
+    groups = stage.param_groups(model)
     universal = info is not None and needs_universal(info, env.world_size)
     load_tag = _prepare_universal(info, env) if universal else (info.tag if info else None)
     engine = ds.initialize(model, groups, ds.ds_config(cfg, plan, device, load_universal=universal), device)
@@ -125,33 +161,28 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str]) -> Run:
         ds.load(engine, ckpt.checkpoints_dir(run_dir), load_tag)
         if universal:
             _verify_universal(engine, info, env, cfg.train.precision)
-        state = ckpt.read_state(info.path)
-        _restore_rng(info, env, cfg.train.seed, state["step"])
-        schedule = _resumed_schedule(Schedule(**state["schedule"]), state, resume, plan)
-        state["schedule"] = schedule.to_dict()  # the next checkpoint carries the re-stretched curve
-        log.info("resumed from %s (step %d, %d samples seen)", info.path, state["step"], state["samples_seen"])
+        saved = ckpt.read_state(info.path)
+        state = TrainerState.from_dict(saved)
+        _restore_rng(info, env, cfg.train.seed, state.step)
+        state.schedule = _resumed_schedule(state, resume, plan)  # the next checkpoint carries the re-stretched curve
+        log.info("resumed from %s (step %d, %d samples seen)", info.path, state.step, state.samples_seen)
     else:
         schedule = make_schedule(cfg.optim, steps=cfg.train.steps, global_batch_size=plan.global_batch_size)
-        state = {"step": 0, "samples_seen": 0, "skipped_steps": 0, "schedule": schedule.to_dict(), "run_id": None}
+        state = TrainerState(step=0, samples_seen=0, skipped_steps=0, schedule=schedule)
         _seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams (dropout and mixing are keyed per step)
     train_loader, val_loader = _loaders(cfg, env, plan, device)
     if info is not None:
-        train_loader.load_state_dict(_loader_state(info, env, state))
-    tracker = _tracker(cfg, env, run_dir, state, overrides, info, init_report)
-    state["run_id"] = tracker.run_id
+        train_loader.load_state_dict(_loader_state(info, env, saved))
+    tracker = _tracker(cfg, env, run_dir, state, overrides, info, stage.tags())
+    state.run_id = tracker.run_id
     if env.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "config.yaml")
-    mix = MixupCutmix(cfg.data, cfg.model.num_classes, seed=cfg.train.seed, rank=env.rank)  # draws per (rank, step)
-    run = Run(
-        cfg=cfg, env=env, device=device, dtype=dtype, plan=plan, run_dir=run_dir, engine=engine,
-        train_loader=train_loader, val_loader=val_loader, tracker=tracker,
-        mix=mix, schedule=schedule, state=state, resumed=info is not None,
+    return Run(
+        cfg=cfg, env=env, device=device, dtype=dtype, plan=plan, run_dir=run_dir, stage=stage, engine=engine,
+        train_loader=train_loader, val_loader=val_loader, tracker=tracker, state=state, resumed=info is not None,
         macs=forward_macs(model), peak_tflops=device_peak_tflops(cfg.train.peak_tflops, device),
     )  # fmt: skip
-    if cfg.finetune.enabled and cfg.finetune.export_best:
-        run.on_eval = _export_best
-    return run
 
 
 def _hold_run_dir(run_dir: Path, env: DistEnv) -> None:
@@ -200,12 +231,12 @@ def _plan_resume(cfg: Config, env: DistEnv, info: ResumeInfo | None) -> ResumePl
     return resume
 
 
-def _resumed_schedule(saved: Schedule, state: dict, resume: ResumePlan | None, plan: BatchPlan) -> Schedule:
+def _resumed_schedule(state: TrainerState, resume: ResumePlan | None, plan: BatchPlan) -> Schedule:
     """The checkpoint's schedule; re-stretched to the new end when train.steps changed."""
     if resume is None or resume.steps[0] == resume.steps[1]:
-        return saved
-    total = state["samples_seen"] + max(0, resume.steps[1] - state["step"]) * plan.global_batch_size
-    return saved.stretch(state["samples_seen"], total)
+        return state.schedule
+    total = state.samples_seen + max(0, resume.steps[1] - state.step) * plan.global_batch_size
+    return state.schedule.stretch(state.samples_seen, total)
 
 
 def resume_candidate(run_dir: Path, env: DistEnv) -> ResumeInfo | None:
@@ -227,7 +258,7 @@ def _prepare_universal(info: ResumeInfo, env: DistEnv) -> str:
     return out.name
 
 
-def _verify_universal(engine: Any, info: ResumeInfo, env: DistEnv, precision: str) -> None:
+def _verify_universal(engine: Engine, info: ResumeInfo, env: DistEnv, precision: str) -> None:
     """Check the converted load reproduced the saved weights before training on them.
 
     The universal conversion is the one place where shards are re-cut; a mistake there would
@@ -251,40 +282,15 @@ def _verify_universal(engine: Any, info: ResumeInfo, env: DistEnv, precision: st
         )
 
 
-def _build_model(cfg: Config, *, fresh: bool) -> tuple[ViT, Any]:
-    """The model; for a fresh fine-tune run, initialised from the pretrained backbone."""
+def _build_model(cfg: Config, stage: Stage, *, fresh: bool) -> ViT:
+    """The model, initialised by the stage (a fine-tune's fresh start: the pretrained backbone)."""
     model = ViT(**cfg.model.vit_kwargs())
-    report = None
-    if cfg.finetune.enabled and fresh:
-        from pipeline.finetune import init_from_pretrained
-
-        report = init_from_pretrained(model, cfg)
-    elif cfg.finetune.enabled:
-        from pipeline.finetune import freeze
-
-        freeze(model, cfg.finetune.freeze, cfg.finetune.freeze_blocks)  # same groups as the saved optimizer
+    stage.init_model(model, fresh=fresh)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model, report
+    return model
 
 
-def _export_best(r: Run, top1: float) -> None:
-    """Fine-tuning: keep the weights of the best evaluation so far under <run_dir>/export/best."""
-    if top1 <= r.state.get("best_top1", -1.0):
-        return
-    r.state["best_top1"] = top1
-    state = ds.gathered_state_dict(r.engine)  # collective under ZeRO-3
-    if r.env.rank == 0:
-        from pipeline.train.export import write_export
-
-        out = write_export(
-            state, config_to_dict(r.cfg.model), r.run_dir / "export" / "best", step=r.state["step"],
-            source=f"best eval/top1={top1:.4f}", run_id=r.tracker.run_id,
-        )  # fmt: skip
-        log.info("new best eval/top1 %.4f at step %d: exported to %s", top1, r.state["step"], out)
-        r.tracker.set_tags({"best_top1": f"{top1:.4f}", "best_step": str(r.state["step"])})
-
-
-def _loaders(cfg: Config, env: DistEnv, plan: BatchPlan, device: ds.Device) -> tuple[Any, Any]:
+def _loaders(cfg: Config, env: DistEnv, plan: BatchPlan, device: ds.Device) -> tuple[TrainLoader, ValLoader | None]:
     size = cfg.model.image_size
     image_size = tuple(size) if isinstance(size, tuple) else (size, size)
     train = build_loader(
@@ -306,7 +312,7 @@ def _loader_path(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"loader_rank{rank}.json"
 
 
-def _loader_state(info: ResumeInfo, env: DistEnv, state: dict) -> dict:
+def _loader_state(info: ResumeInfo, env: DistEnv, saved: dict) -> dict:
     """This rank's own loader state (its skip counters), else rank 0's (the position is the same on all ranks).
 
     Only rank 0 writes trainer_state.json; without its own file, rank r would restart its counts of
@@ -315,7 +321,7 @@ def _loader_state(info: ResumeInfo, env: DistEnv, state: dict) -> dict:
     path = _loader_path(info.path, env.rank)
     if info.world_size == env.world_size and path.exists():
         return json.loads(path.read_text())
-    return state["loader"]
+    return saved["loader"]
 
 
 def _rng_state() -> dict:
@@ -340,18 +346,20 @@ def _restore_rng(info: ResumeInfo, env: DistEnv, seed: int, step: int) -> None:
 
 
 def _tracker(
-    cfg: Config, env: DistEnv, run_dir: Path, state: dict, overrides: list[str], info: Any, init_report: Any
-) -> Any:
+    cfg: Config,
+    env: DistEnv,
+    run_dir: Path,
+    state: TrainerState,
+    overrides: list[str],
+    info: ResumeInfo | None,
+    stage_tags: dict[str, str],
+) -> Tracker:
     role = "writer" if env.rank == 0 else ("node" if env.local_rank == 0 else "none")
     first_role = role if role == "writer" else "none"
     tags = run_tags(cfg, world_size=env.world_size, num_nodes=env.num_nodes)
     if info is not None:
         tags["resumed_from_step"] = str(info.step)
-    if init_report is not None:
-        from pipeline.finetune import report_tags
-
-        tags.update(pretrain_tags(cfg.finetune.init_from))
-        tags.update(report_tags(init_report))
+    tags.update(stage_tags)
     kwargs = dict(
         experiment=experiment_for(cfg),
         run_name=run_name_for(cfg, overrides),
@@ -361,7 +369,7 @@ def _tracker(
     )
     # The writer creates (or resumes) the run first; the other nodes' system-metrics trackers then
     # attach to that run id instead of waiting for tracking.json on a shared filesystem.
-    tracker = open_tracker(cfg.tracking, run_dir=run_dir, run_id=state.get("run_id"), role=first_role, **kwargs)
+    tracker = open_tracker(cfg.tracking, run_dir=run_dir, run_id=state.run_id, role=first_role, **kwargs)
     run_id = [tracker.run_id if env.rank == 0 else None]
     dist.broadcast_object_list(run_id, src=0)
     if role == "node":
@@ -372,7 +380,7 @@ def _tracker(
 def save_checkpoint(r: Run) -> Path:
     """Collective save; the checkpoint counts only once COMMITTED is on disk (see checkpoint.py)."""
     ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
-    tag = ckpt.tag_for(r.state["step"])
+    tag = ckpt.tag_for(r.state.step)
     tag_dir = ckpt_dir / tag
     if r.env.rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a partial left by a killed job at this same step
@@ -384,12 +392,12 @@ def save_checkpoint(r: Run) -> Path:
     written.append(_loader_path(tag_dir, r.env.rank))
     atomic_write(written[-1], json.dumps(r.train_loader.state_dict()))
     if r.env.rank == 0:
-        state = dict(r.state, loader=r.train_loader.state_dict(), run_id=r.tracker.run_id, config=config_to_dict(r.cfg))
-        ckpt.write_state(tag_dir, state)
+        state = r.state.to_dict(loader=r.train_loader.state_dict(), config=config_to_dict(r.cfg))
+        ckpt.write_state(tag_dir, {**state, "run_id": r.tracker.run_id})
         written.append(tag_dir / ckpt.STATE)
     checksums = ckpt.fsync_and_checksum(tag_dir, written)  # by the writer, bytes still in the page cache
     seconds, _, at_step = os.environ.get(SAVE_PAUSE_ENV, "").partition("@")
-    if seconds and int(at_step or -1) == r.state["step"] and r.env.rank == r.env.world_size - 1:
+    if seconds and int(at_step or -1) == r.state.step and r.env.rank == r.env.world_size - 1:
         time.sleep(float(seconds))
     checksums_by_rank = ds.all_gather(checksums)  # collective: every rank's files are on disk
     if r.env.rank == 0:
@@ -404,8 +412,8 @@ def save_checkpoint(r: Run) -> Path:
 
 def _marker(r: Run) -> dict:
     return {
-        "step": r.state["step"],
-        "samples_seen": r.state["samples_seen"],
+        "step": r.state.step,
+        "samples_seen": r.state.samples_seen,
         "world_size": r.env.world_size,
         "zero_stage": r.cfg.train.zero_stage,
         "precision": r.cfg.train.precision,
