@@ -22,6 +22,7 @@ LAYER = {
     "pipeline.durable": 0,
     "pipeline.proc": 0,
     "pipeline.logs": 0,
+    "pipeline.metric_names": 0,  # the table of metric names: the loader and the engine both log them
     "pipeline.data": 1,
     "pipeline.tracking": 1,
     "pipeline.train": 2,
