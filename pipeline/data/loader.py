@@ -49,6 +49,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -160,7 +161,7 @@ def _exit_with(pid: int) -> None:
         os._exit(0)  # gone before this worker started
     except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
         while pid_alive(pid):
-            threading.Event().wait(1.0)
+            time.sleep(1.0)
         os._exit(0)
     select.select([fd], [], [])
     os._exit(0)

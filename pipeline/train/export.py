@@ -29,6 +29,7 @@ from pipeline.config import DataConfig
 from pipeline.data.index import read_index
 from pipeline.durable import atomic_write, atomic_write_via
 from pipeline.model.convert import OUR_LAYOUT_MARKER, LayoutError, timm_model_args, to_ours, to_timm
+from pipeline.model.presets import pair
 from pipeline.train import engine as ds
 from pipeline.train.checkpoint import ResumeInfo, read_state, resolve_checkpoint
 
@@ -99,7 +100,7 @@ def _write_timm(state: dict[str, torch.Tensor], model_cfg: dict, data: dict, out
     """``out``/model.safetensors + config.json in timm's layout: "written", or why not."""
     try:
         architecture, args = timm_model_args(model_cfg)
-        weights = to_timm(state, channels=model_cfg["channels"], patch_size=_pair(model_cfg["patch_size"]),
+        weights = to_timm(state, channels=model_cfg["channels"], patch_size=pair(model_cfg["patch_size"]),
                           fc_norm=args["fc_norm"])  # fmt: skip
     except LayoutError as e:
         log.warning("no timm copy of this export: %s", e)
@@ -120,13 +121,9 @@ def _write_timm(state: dict[str, torch.Tensor], model_cfg: dict, data: dict, out
     return "written"
 
 
-def _pair(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def _pretrained_cfg(model_cfg: dict, data: dict) -> dict:
     """timm's preprocessing record, from the run's own evaluation transform (resize, centre crop)."""
-    h, w = _pair(model_cfg["image_size"])
+    h, w = pair(model_cfg["image_size"])
     return {
         "input_size": [model_cfg["channels"], h, w],
         "fixed_input_size": True,
