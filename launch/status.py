@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from launch import cluster
+from launch import cluster, progress
 from launch.jobfile import (
     JOB_FILE,
     close_stale_attempts,
@@ -171,10 +171,20 @@ def summarise(run_dir: str | Path) -> str:
             lines.append(f"    attempt restart={a.get('restart')}: {result}{step} ({when})")
             lines += [f"      {line}" for line in outcome_lines(data, a, run_dir)]
     lines.append(f"  requeues: {data.get('requeues', 0)}")
+    p = progress.read_progress(run_dir)
+    lines.append(f"  progress: {progress.progress_line(p) if p else 'no training step logged yet'}")
     lines.append(f"  last checkpoint: {_last_checkpoint(run_dir)}")
     lines.append(f"  MLflow run id: {_mlflow_run_id(run_dir, data)}")
+    lines.append(f"  MLflow run: {progress.run_link(run_dir)}")
+    newest = data["jobs"][-1]
+    lines.append(f"  rank 0 log: {rank0_log(newest)}")
     lines.append(f"  logs: {run_dir / 'submitit'}")
     return "\n".join(lines)
+
+
+def rank0_log(job: dict[str, Any]) -> Path:
+    """submitit's stdout file of a job's first task (``<folder>/<job id>_0_log.out``), on SLURM and locally."""
+    return Path(job["folder"]) / f"{job['job_id']}_0_log.out"
 
 
 def final_report(run_dir: Path, job_id: str, state: str) -> tuple[list[str], bool]:
@@ -187,7 +197,8 @@ def final_report(run_dir: Path, job_id: str, state: str) -> tuple[list[str], boo
     if not attempts:
         return notes + [f"job {job_id} ({state}) started no rank; see {run_dir / 'submitit'}"], True
     newest = attempts[-1]
-    return notes + outcome_lines(data, newest, run_dir), not newest.get("undelivered")
+    lines = notes + outcome_lines(data, newest, run_dir) + progress.summary_lines(run_dir, data)
+    return lines, not newest.get("undelivered")
 
 
 class _Tail:

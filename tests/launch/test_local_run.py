@@ -27,6 +27,11 @@ def test_without_slurm_the_smoke_run_completes_locally(tmp_path: Path, synthetic
     assert "executor: local (no SLURM cluster here (sbatch is not on PATH): running locally" in out.stdout
     job_id = submitted_job_id(out.stdout)
     assert f"[launch] job {job_id} ended: COMPLETED" in out.stdout
+    # --follow ends with the run's summary: where it got, its export, its MLflow run, what it took.
+    assert "[launch] reached step 30/30, last train loss " in out.stdout
+    assert f"[launch] export: {run_dir / 'export'}" in out.stdout
+    assert re.search(r"^\[launch\] eval top-1: final \d\.\d{4}, best \d\.\d{4}$", out.stdout, re.M), out.stdout
+    assert re.search(r"^\[launch\] took (\d+m\d\ds|\d+s) over 1 attempt\(s\), 0 requeue\(s\)$", out.stdout, re.M)
 
     # Both ranks trained every step; one sharded checkpoint written by 2 ranks.
     results = rank_results(run_dir, job_id, ranks=2)
@@ -48,6 +53,8 @@ def test_without_slurm_the_smoke_run_completes_locally(tmp_path: Path, synthetic
     assert f"job {job_id} (local, 2 node(s) x 1 tasks): COMPLETED" in status.stdout
     assert "last checkpoint: step 30 (step_00000030, saved by 2 ranks)" in status.stdout
     assert f"MLflow run id: {run.run_id}" in status.stdout
+    assert "progress: step 30/30, loss " in status.stdout and "all steps done" in status.stdout
+    assert f"rank 0 log: {run_dir / 'submitit' / job_id / f'{job_id}_0_log.out'}" in status.stdout
 
 
 @pytest.mark.timeout(60)
