@@ -22,7 +22,7 @@ from pipeline.tracking import (
     format_table,
     ui_compare_url,
 )
-from pipeline.tracking.naming import is_remote
+from pipeline.tracking.uris import is_remote
 
 LOCAL_UI = "http://127.0.0.1:5000"
 

@@ -112,7 +112,7 @@ def test_durable_stays_a_leaf_of_standard_library_imports() -> None:
 ALLOWED = {
     ("pipeline/data/writer.py", "os.rename"): "swaps whole data-set directories into place, then fsyncs the parent",
     ("pipeline/train/lease.py", "os.rename"): "moves a lease file aside to remove it: of two removers only one wins",
-    ("pipeline/tracking/tracker.py", "self._buffer.replace"): "JsonlFile.replace, which writes via atomic_write",
+    ("pipeline/tracking/delivery.py", "self._buffer.replace"): "JsonlFile.replace, which writes via atomic_write",
 }
 
 

@@ -15,17 +15,6 @@ import mlflow; the writer and the readers do when first used.
 """
 
 from pipeline.metric_names import HEADLINE_METRICS
-from pipeline.tracking.naming import (
-    default_tracking_uri,
-    experiment_for,
-    pretrain_tags,
-    read_tracking_state,
-    run_name_for,
-    run_tags,
-    ui_compare_url,
-    ui_run_url,
-    ui_runs_url,
-)
 from pipeline.tracking.read import (
     RunSummary,
     compare_rows,
@@ -38,7 +27,10 @@ from pipeline.tracking.read import (
     resolve_ref,
     run_summary,
 )
+from pipeline.tracking.run_names import experiment_for, run_name_for
 from pipeline.tracking.server import SERVER_URL_FILE, read_server_url
+from pipeline.tracking.state import read_tracking_state
+from pipeline.tracking.tags import pretrain_tags, run_tags
 from pipeline.tracking.tracker import (
     Tracker,
     TrackingUnavailable,
@@ -46,6 +38,7 @@ from pipeline.tracking.tracker import (
     end_orphaned_run,
     open_tracker,
 )
+from pipeline.tracking.uris import default_tracking_uri, ui_compare_url, ui_run_url, ui_runs_url
 
 __all__ = [
     "HEADLINE_METRICS",

@@ -23,8 +23,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline.metric_names import SYSTEM_PREFIX
-from pipeline.tracking.naming import is_remote
 from pipeline.tracking.state import Record
+from pipeline.tracking.uris import is_remote
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.metric_names import HEADLINE_METRICS
-from pipeline.tracking.naming import read_tracking_state
+from pipeline.tracking.state import read_tracking_state
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _HIDDEN_PARAMS = ("tracking.",)  # where a run was tracked says nothing about what it trained

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.durable import atomic_write, atomic_write_via
-from pipeline.tracking.naming import sqlite_uri
+from pipeline.tracking.uris import sqlite_uri
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@
   tracking off too and holds only the trajectory that counts (one value per key and step).
 - ``tracking.lock``: the writer's lease, so two jobs never write into one run.
 
-No mlflow import here: these are plain files.
+No mlflow import here: these are plain files, read by the launcher and the compare CLI too.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any
 
 from pipeline.durable import atomic_write
 from pipeline.proc import pid_alive
-from pipeline.tracking.naming import TRACKING_STATE_FILE, read_tracking_state
 
 log = logging.getLogger(__name__)
 
+TRACKING_STATE_FILE = "tracking.json"
 BUFFER_FILE = "tracking_buffer.jsonl"
 WAL_FILE = "tracking_wal.jsonl"
 LOCK_FILE = "tracking.lock"
@@ -44,6 +44,18 @@ Record = dict[str, Any]  # {"t": "m"|"p"|"g"|"a"|"end", ...}; see tracker.py
 
 
 _STATE_LOCK = threading.Lock()
+
+
+def read_tracking_state(run_dir: str | Path) -> dict[str, Any]:
+    """The ``tracking.json`` of a run directory (``{}`` if there is none)."""
+    path = Path(run_dir) / TRACKING_STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def save_tracking_state(run_dir: Path, **fields: Any) -> None:

@@ -189,3 +189,8 @@ raise RuntimeError("the training loop crashed")
     assert summary.status == "FAILED"
     assert metric_history(summary.tracking_uri, summary.run_id, "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_tracking_config_rejects_bad_retry_interval() -> None:
+    with pytest.raises(ConfigError, match=r"tracking.retry_s must be > 0"):
+        TrackingConfig(retry_s=0)
