@@ -60,9 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write = ["write", "--out", str(data), "--synthetic", "2000", "--classes", "4", "--size", "32"]
-        subprocess.run(
-            [sys.executable, "-m", "pipeline.data.shards", *write], cwd=REPO, check=True, capture_output=True
-        )
+        subprocess.run([sys.executable, "-m", "pipeline.data", *write], cwd=REPO, check=True, capture_output=True)
         for rep in range(a.reps):
             for i, (name, extra) in enumerate(VARIANTS.items()):
                 extra = [x % old_threads if "%d" in x else x for x in extra]

@@ -52,7 +52,7 @@ def _train(nproc: int, config: str | None, overrides: list[str]) -> str:
 
 
 def write_shards(out: Path) -> None:
-    cmd = [sys.executable, "-m", "pipeline.data.shards", "write", "--out", str(out), "--synthetic", "1200",
+    cmd = [sys.executable, "-m", "pipeline.data", "write", "--out", str(out), "--synthetic", "1200",
            "--classes", "10", "--size", "32"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
 

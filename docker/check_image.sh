@@ -153,7 +153,7 @@ smoke_run() {
         [[ "$(id -u)" != 0 ]] || { echo "the image runs as root"; exit 1; }
         python -c "import sys, torch, deepspeed, mlflow, webdataset, pipeline; \
 print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"deepspeed\", deepspeed.__version__, \"mlflow\", mlflow.__version__)"
-        python -m pipeline.data.shards write --out /tmp/shards --synthetic 400 --classes 4 --size 32
+        python -m pipeline.data write --out /tmp/shards --synthetic 400 --classes 4 --size 32
         timeout 900 torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29500 \
             -m pipeline.train --config configs/smoke.yaml data.path=/tmp/shards train.run_dir=/tmp/check/run
         echo "run dir:"; ls /tmp/check /tmp/check/run

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (out / "_info.json").exists():
             step(
                 f"write shards {out.relative_to(REPO)}",
-                [py, "-m", "pipeline.data.shards", "write", "--out", str(out), *source],
+                [py, "-m", "pipeline.data", "write", "--out", str(out), *source],
             )
     step("pretrain (embedded default config)", [py, "launch/submit.py", "--local", "--follow"])
     step(

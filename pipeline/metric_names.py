@@ -13,8 +13,8 @@ key                       unit                                             logge
 ``train/mfu``             fraction of the device's peak FLOP/s             train/loop.py (when the peak is known)
 ``train/step_time_s``     seconds per step                                 tracking/bench.py only
 ``data/wait_frac``        fraction of the window spent waiting for data    train/loop.py
-``data/samples_read``     samples read, summed over ranks                  data/loader.py counts, loop logs
-``data/skipped_<kind>``   samples skipped, one key per tario.SKIP_KINDS    data/loader.py counts, loop logs
+``data/samples_read``     samples read, summed over ranks                  data/samples.py counts, loop logs
+``data/skipped_<kind>``   samples skipped, one key per tario.SKIP_KINDS    data/samples.py counts, loop logs
 ``eval/top1``             fraction of val images, top-1 correct            train/loop.py, every eval_every steps
 ``eval/top5``             fraction of val images, top-5 correct            train/loop.py
 ``eval/loss``             mean cross-entropy (nats) over the val split     train/loop.py

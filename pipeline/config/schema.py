@@ -100,12 +100,12 @@ def data_path_problem(path: str) -> str | None:
         return (
             f"data.path {path!r}: the {scheme}: scheme is not supported; data.path must be a POSIX path on a file "
             f"system every node mounts (e.g. Lustre, GPFS, NFS): copy or mount the shards there, index them with "
-            f"`python -m pipeline.data.shards index SHARDS... --out INDEX.json` and set data.path=INDEX.json{local}"
+            f"`python -m pipeline.data index SHARDS... --out INDEX.json` and set data.path=INDEX.json{local}"
         )
     if (_BRACES.search(path) or any(c in path for c in "*?[")) and not os.path.exists(path):
         return (
             f"data.path {path!r} is a shard pattern, not a data set: index the shards it names first with "
-            f"`python -m pipeline.data.shards index '{path}' --out INDEX.json` (it takes brace patterns and globs), "
+            f"`python -m pipeline.data index '{path}' --out INDEX.json` (it takes brace patterns and globs), "
             f"then set data.path=INDEX.json"
         )
     return None
@@ -115,8 +115,8 @@ def data_path_problem(path: str) -> str | None:
 class DataConfig:
     """Where the shards are and how samples become batches (see pipeline/data)."""
 
-    # A shard directory holding _info.json (`python -m pipeline.data.shards write`), or an index file
-    # (`python -m pipeline.data.shards index`) that names shards anywhere; a POSIX path the nodes share.
+    # A shard directory holding _info.json (`python -m pipeline.data write`), or an index file
+    # (`python -m pipeline.data index`) that names shards anywhere; a POSIX path the nodes share.
     path: str = "runs/data/synthetic"
     train_split: str = "train"
     val_split: str = "val"

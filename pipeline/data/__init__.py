@@ -10,7 +10,7 @@ Public API (the training engine, launcher and fine-tune code call these)::
     MixupCutmix(cfg.data, num_classes, seed=, rank=), soft_target_cross_entropy(logits, targets)
     write_synthetic(...), write_digits(...), write_imagefolder(...)
 
-CLI: ``python -m pipeline.data.shards write|index|check`` (see :mod:`pipeline.data.shards`).
+CLI: ``python -m pipeline.data write|index|check`` (see :mod:`pipeline.data.__main__`).
 Design: :mod:`pipeline.data.loader` (streams) and :mod:`pipeline.data.plan` (the arithmetic).
 """
 
@@ -25,9 +25,9 @@ from pipeline.data.preflight import PreflightReport, check_classes, preflight  #
 
 # The rest loads on first use: the preflight CLI and the launcher run without importing torch.
 _LAZY = {
-    "COUNTER_NAMES": "loader",
-    "TrainLoader": "loader",
-    "ValLoader": "loader",
+    "COUNTER_NAMES": "samples",
+    "TrainLoader": "train_stream",
+    "ValLoader": "val",
     "build_loader": "loader",
     "build_val_loader": "loader",
     "MixupCutmix": "mix",
@@ -39,8 +39,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from pipeline.data.loader import COUNTER_NAMES, TrainLoader, ValLoader, build_loader, build_val_loader
+    from pipeline.data.loader import build_loader, build_val_loader
     from pipeline.data.mix import MixupCutmix, one_hot, soft_target_cross_entropy
+    from pipeline.data.samples import COUNTER_NAMES
+    from pipeline.data.train_stream import TrainLoader
+    from pipeline.data.val import ValLoader
     from pipeline.data.writer import write_digits, write_imagefolder, write_synthetic
 
 

@@ -1,7 +1,7 @@
 """The shard index: which shards make up each split, their sizes, labels and (for our own shards) checksums.
 
 Two producers write one: the shard writer (``DIR/_info.json``, written last and atomically, so a
-crashed write leaves no index) and ``python -m pipeline.data.shards index`` for shards written by
+crashed write leaves no index) and ``python -m pipeline.data index`` for shards written by
 anyone else (webdataset's ``ShardWriter``, GNU tar, img2dataset), which may live on a read-only mount:
 that index is a file anywhere (``--out /scratch/me/in1k.json``). ``data.path`` names either a
 directory holding ``_info.json`` or such an index file. Shard names resolve against the directory
@@ -39,7 +39,7 @@ INDEX_NAME = "_info.json"
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 LabelKind = Literal["cls", "json", "none"]
-INDEX_HINT = "python -m pipeline.data.shards index"
+INDEX_HINT = "python -m pipeline.data index"
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class DataIndex:
         if not info.shards or info.samples == 0:
             raise PreflightError(
                 f"{self.path}: split {name!r} is empty (0 samples in {len(info.shards)} shards); "
-                f"re-write the data set with `python -m pipeline.data.shards write --out {self.root} ...` "
+                f"re-write the data set with `python -m pipeline.data write --out {self.root} ...` "
                 f"or re-index its shards with `{INDEX_HINT} SHARDS... --out {self.path}`"
             )
         return info
@@ -236,7 +236,7 @@ def _load(file: Path, given: Path) -> DataIndex:
 def _missing_message(path: Path) -> str:
     return (
         f"data.path {path} does not exist; point it at a directory of shards that holds {INDEX_NAME} (written by "
-        f"`python -m pipeline.data.shards write --out DIR SOURCE`) or at an index file made for existing shards "
+        f"`python -m pipeline.data write --out DIR SOURCE`) or at an index file made for existing shards "
         f"(`{INDEX_HINT} SHARDS... --out INDEX.json`, then data.path=INDEX.json). It must be a POSIX path on a "
         f"file system every node mounts"
     )

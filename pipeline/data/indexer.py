@@ -1,6 +1,6 @@
 """Index shards written by anyone (webdataset's ShardWriter, GNU tar, img2dataset) where they lie.
 
-    python -m pipeline.data.shards index /datasets/in1k/train --val '/datasets/in1k/val-{0000..0049}.tar' \
+    python -m pipeline.data index /datasets/in1k/train --val '/datasets/in1k/val-{0000..0049}.tar' \
         --out /scratch/me/in1k.json
 
 Only tar headers are read, plus the small label members (``cls`` or ``json``): a seek over every

@@ -25,8 +25,8 @@ from pipeline.data.tario import ShardReader, is_tar
 def _fix(index: DataIndex) -> str:
     """How to rebuild the index's data set: re-write our own shards, re-index anybody else's."""
     if index.file is None and index.source.get("kind") != "index":
-        return f"re-write the data set with `python -m pipeline.data.shards write --out {index.root} ... --overwrite`"
-    return f"fix or remove them and re-index with `python -m pipeline.data.shards index SHARDS... --out {index.path}`"
+        return f"re-write the data set with `python -m pipeline.data write --out {index.root} ... --overwrite`"
+    return f"fix or remove them and re-index with `python -m pipeline.data index SHARDS... --out {index.path}`"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`shards index` on shards our writer did not write, then `check --decode`, the loader, and the refusals.
+"""`pipeline.data index` on shards our writer did not write, then `check --decode`, the loader, and the refusals.
 
 The producers are webdataset's ShardWriter and GNU tar (tests/fixtures/foreign_shards.py). Counts
 are checked against the stdlib's own tar reader, so the index and the loader cannot agree on a
@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def shards(*args: str | Path) -> subprocess.CompletedProcess:
-    """`python -m pipeline.data.shards ARGS`, as a user runs it."""
-    cmd = [sys.executable, "-m", "pipeline.data.shards", *map(str, args)]
+    """`python -m pipeline.data ARGS`, as a user runs it."""
+    cmd = [sys.executable, "-m", "pipeline.data", *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100)
 
 
@@ -213,7 +213,7 @@ def test_index_outside_a_read_only_shard_directory(readonly: Path, tmp_path: Pat
     assert f"cannot write the index {readonly / 'idx.json'} (Read-only file system)" in inside.stderr
     refused = shards("check", readonly, "--no-progress")
     assert refused.returncode == 1
-    assert f"index them with `python -m pipeline.data.shards index {readonly} --out" in refused.stderr
+    assert f"index them with `python -m pipeline.data index {readonly} --out" in refused.stderr
     assert "when" in refused.stderr and "is read-only, then set data.path to that file" in refused.stderr
 
     (tmp_path / "scratch").mkdir()

@@ -43,14 +43,14 @@ def test_missing_directory_and_index(tmp_path, copy):
         preflight(tmp_path / "nope")
     text = str(err.value)
     assert f"data.path {tmp_path / 'nope'} does not exist" in text
-    assert "shards write --out DIR SOURCE" in text and "shards index SHARDS... --out INDEX.json" in text
+    assert "pipeline.data write --out DIR SOURCE" in text and "pipeline.data index SHARDS... --out INDEX.json" in text
     assert "--synthetic" not in text  # never suggests writing toy images into a real data set's path
     (copy / INDEX_NAME).unlink()
     with pytest.raises(PreflightError) as err:
         preflight(copy)
     assert str(err.value) == (
         f"{copy / INDEX_NAME} is missing ({copy} holds 9 .tar files, e.g. train-000000.tar, train-000001.tar, "
-        f"train-000002.tar); index them with `python -m pipeline.data.shards index {copy} --out {copy / INDEX_NAME}` "
+        f"train-000002.tar); index them with `python -m pipeline.data index {copy} --out {copy / INDEX_NAME}` "
         f"(or `--out /somewhere/writable/index.json` when {copy} is read-only, then set data.path to that file)"
     )
 
@@ -109,7 +109,7 @@ def test_decode_finds_bad_samples_and_wrong_label_types(copy):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.data.shards", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.data", *args], capture_output=True, text=True,
                           timeout=60)  # fmt: skip
 
 

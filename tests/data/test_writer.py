@@ -205,7 +205,7 @@ IMG_EXT = {"jpg", "png", "webp"}
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.data.shards", "write", *args, "--no-progress"],
+        [sys.executable, "-m", "pipeline.data", "write", *args, "--no-progress"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -336,7 +336,7 @@ def test_sigterm_mid_write_leaves_nothing(tmp_path):
     for i in range(1500):
         Image.fromarray(np.roll(noise, i)).save(src / "x" / f"{i:04d}.png", compress_level=0)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.data.shards", "write", "--out", str(tmp_path / "out"), str(src),
+        [sys.executable, "-m", "pipeline.data", "write", "--out", str(tmp_path / "out"), str(src),
          "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120

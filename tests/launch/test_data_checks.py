@@ -26,7 +26,7 @@ def _refused(capsys: pytest.CaptureFixture, run_dir: Path, *args: str, rc: int) 
 
 
 def _index(out: Path, *args: str | Path) -> Path:
-    cmd = [sys.executable, "-m", "pipeline.data.shards", "index", *map(str, args), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "pipeline.data", "index", *map(str, args), "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr
     return out
@@ -39,7 +39,7 @@ def test_a_url_is_refused_with_the_posix_path_rule(url: str, tmp_path: Path, cap
     scheme = url.split(":", 1)[0]
     assert f"data.path {url!r}: the {scheme}: scheme is not supported" in err
     assert "data.path must be a POSIX path on a file system every node mounts" in err
-    assert "python -m pipeline.data.shards index SHARDS... --out INDEX.json" in err
+    assert "python -m pipeline.data index SHARDS... --out INDEX.json" in err
     assert "https:/data" not in err  # not mangled into a relative path
 
 
@@ -49,18 +49,18 @@ def test_a_brace_pattern_is_refused_with_index_it_first(
     pattern = f"{gnu_tar_shards}/train-{{0..7}}.tar"
     err = _refused(capsys, tmp_path / "run", *smoke_args(pattern, tmp_path / "run", "--local"), rc=2)  # type: ignore[arg-type]
     assert f"data.path {pattern!r} is a shard pattern, not a data set" in err
-    assert f"`python -m pipeline.data.shards index '{pattern}' --out INDEX.json`" in err
+    assert f"`python -m pipeline.data index '{pattern}' --out INDEX.json`" in err
 
 
 def test_shards_without_an_index_and_a_missing_path(
     gnu_tar_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     err = _refused(capsys, tmp_path / "run", *smoke_args(gnu_tar_shards, tmp_path / "run", "--local"), rc=1)
-    assert f"index them with `python -m pipeline.data.shards index {gnu_tar_shards} --out" in err
+    assert f"index them with `python -m pipeline.data index {gnu_tar_shards} --out" in err
     assert "nothing was submitted" in err
     missing = tmp_path / "datasets" / "imagenet-1k-wds"
     err = _refused(capsys, tmp_path / "run", *smoke_args(missing, tmp_path / "run", "--local"), rc=1)
-    assert f"data.path {missing} does not exist" in err and "shards index SHARDS... --out INDEX.json" in err
+    assert f"data.path {missing} does not exist" in err and "pipeline.data index SHARDS... --out INDEX.json" in err
     assert "--synthetic" not in err  # never suggests writing toy images into a real data set's path
 
 

@@ -2,7 +2,7 @@
 dropout and gradient checkpointing all on, two micro-steps per step, on 2 real DeepSpeed ranks.
 
 Each draw is a function of (seed, rank, step, micro-step) (pipeline/data/mix.py, loop._seed_forward)
-and the crops are seeded by the batch's identity (pipeline/data/loader.py), so a run killed with
+and the crops are seeded by the batch's identity (pipeline/data/slots.py), so a run killed with
 SIGKILL and resumed reproduces every later loss and the final weights with ``==``.
 """
 

@@ -26,7 +26,7 @@ SKIPS = ("data/skipped_corrupt_image", "data/skipped_missing_cls")
 
 
 def index(out: Path, *args: str | Path) -> Path:
-    cmd = [sys.executable, "-m", "pipeline.data.shards", "index", *map(str, args), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "pipeline.data", "index", *map(str, args), "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out

@@ -1,11 +1,11 @@
 """Shard writer, indexer and preflight CLI.
 
-    python -m pipeline.data.shards write --out DIR --synthetic 1000 --classes 10 --size 32
-    python -m pipeline.data.shards write --out DIR --digits --size 32
-    python -m pipeline.data.shards write --out DIR path/to/train [--val-source path/to/val] [--strict]
+    python -m pipeline.data write --out DIR --synthetic 1000 --classes 10 --size 32
+    python -m pipeline.data write --out DIR --digits --size 32
+    python -m pipeline.data write --out DIR path/to/train [--val-source path/to/val] [--strict]
         (an ImageFolder tree, or a list file of path<TAB>label or path,label lines)
-    python -m pipeline.data.shards index SOURCE... --out INDEX [--val SOURCE...] [--label json:FIELD]
-    python -m pipeline.data.shards check DIR|INDEX --ranks 16 --workers 8 --batch-size 256 [--decode]
+    python -m pipeline.data index SOURCE... --out INDEX [--val SOURCE...] [--label json:FIELD]
+    python -m pipeline.data check DIR|INDEX --ranks 16 --workers 8 --batch-size 256 [--decode]
 
 ``check`` exits 0 when every rank and worker gets data, 1 with the reason otherwise.
 """
@@ -23,7 +23,7 @@ from pipeline.data.preflight import preflight
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.data.shards", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write tar shards and their index")
     w.add_argument(

@@ -1,4 +1,4 @@
-"""Loader workers outlive SLURM's SIGTERM, and never keep their process from exiting."""
+"""Loader workers (pipeline/data/workers.py) outlive SLURM's SIGTERM, and never keep their process from exiting."""
 
 from __future__ import annotations
 
@@ -100,3 +100,17 @@ def test_a_sigkilled_process_leaves_no_helper_holding_its_output(synthetic_shard
         for p in [*helpers, psutil.Process(proc.pid)] if proc.poll() is None else helpers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+def test_the_forkserver_preloads_the_streams_a_worker_runs() -> None:
+    # The forkserver ignores a preload module it cannot import; a worker would then import the
+    # stream's module at every start instead of in milliseconds, and nothing else would show it.
+    probe = (
+        "import importlib, sys\n"
+        "from pipeline.data.workers import FORKSERVER_PRELOAD\n"
+        "for name in FORKSERVER_PRELOAD: importlib.import_module(name)\n"
+        "print(sorted(m for m in ('pipeline.data.train_stream', 'pipeline.data.val', 'pipeline.data.slots') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=50, check=True)
+    assert out.stdout.split("\n")[-2] == "['pipeline.data.slots', 'pipeline.data.train_stream', 'pipeline.data.val']"
