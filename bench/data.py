@@ -1,6 +1,6 @@
 """Loader throughput vs a bare decode + crop loop on the same JPEGs; shard indexing and index loading.
 
-    python bench/data.py [--quick] [--only loader|index] [--n 2048] [--src-size 256] [--size 224] [--batch 64]
+    python bench/data.py [--quick] [--only loader|decode|index] [--n 2048] [--src-size 256] [--size 224] [--batch 64]
 
 Writes synthetic JPEG shards to a temp dir, then measures images/s (steady state, first batch
 excluded) of:
@@ -9,6 +9,15 @@ excluded) of:
   to-tensor + normalise, batched, in this process, no WebDataset and no DataLoader;
 * bare loop with the loader's own decode functions (PIL and torchvision decoders);
 * ``build_loader`` with 0 workers (in process), 1 worker (the per-worker figure), and 2 workers.
+
+Decode (``--only decode``): ImageNet-size images (500x375, smooth gradients + noise, so they compress
+like photos: ~60 KB as JPEG quality 90) stored as JPEG, PNG and WebP; per core (one process, 1 torch
+thread), in interleaved rounds, the median images/s of the bare PIL + torchvision loop (full decode +
+RandomResizedCrop + flip + to-tensor + normalise), the loader's decode + crop with reduced decode
+(libjpeg DCT scaling, the default) and without, and ``build_loader`` with 0 workers. Per core means
+per CPU second of the process (``time.process_time``): steadier than wall time on a shared machine,
+and 0 workers keeps all of the loader's work in the process. Goal (issue 19):
+reduced decode on JPEGs >= 2x the bare loop; PNG/WebP have no reduced decode and are reported as they are.
 
 Index (``--only index``): webdataset ``ShardWriter`` shards (jpg 4 KB, cls, json), indexed by
 ``shards index`` (tar headers and label members only) in one process and in one process per CPU,
@@ -55,17 +64,17 @@ def jpeg_bytes(root: Path) -> list[bytes]:
     return out
 
 
-def rate(make_batches, images: int) -> float:
-    """images/s over all batches after the first (start-up excluded)."""
+def rate(make_batches, images: int, clock=time.perf_counter) -> float:
+    """images/s over all batches after the first (start-up excluded), by ``clock``."""
     it = make_batches()
     first = next(it)
-    start, n = time.perf_counter(), 0
+    start, n = clock(), 0
     for batch in it:
         n += batch.shape[0]
         if n >= images:
             break
     del first
-    return n / (time.perf_counter() - start)
+    return n / (clock() - start)
 
 
 def bare_tv(data: list[bytes], size: int, batch: int):
@@ -79,7 +88,7 @@ def bare_tv(data: list[bytes], size: int, batch: int):
             yield norm(torch.stack(imgs).permute(0, 2, 3, 1))  # Normalize takes (B, H, W, 3)
 
 
-def bare_own(data: list[bytes], size: int, batch: int, decoder: str):
+def bare_own(data: list[bytes], size: int, batch: int, decoder: str, reduced: bool = True):
     cfg = DataConfig()
     norm, gen = Normalize(cfg.mean, cfg.std), np.random.default_rng(0)
     while True:
@@ -88,15 +97,37 @@ def bare_own(data: list[bytes], size: int, batch: int, decoder: str):
             u8 = np.empty((batch, size, size, 3), dtype=np.uint8)
             for j, b in enumerate(data[i : i + batch]):
                 box = partial(draws.box, j, ratio=cfg.crop_ratio)
-                u8[j] = crop_resize(b, lambda h, w, box=box: box(h, w), (size, size), bool(draws.flip[j]), decoder)
+                u8[j] = crop_resize(b, box, (size, size), bool(draws.flip[j]), decoder, reduced=reduced)
             yield norm(torch.from_numpy(u8))
 
 
-def loader_batches(root: Path, size: int, batch: int, workers: int, decoder: str):
-    cfg = DataConfig(path=str(root), num_workers=workers, decoder=decoder, shuffle_buffer=256)
+def loader_batches(root: Path, size: int, batch: int, workers: int, decoder: str, split: str = "train"):
+    cfg = DataConfig(path=str(root), num_workers=workers, decoder=decoder, shuffle_buffer=256, train_split=split)
     with build_loader(cfg, rank=0, world_size=1, batch_size=batch, image_size=(size, size), seed=0) as loader:
         for images, _ in loader:
             yield images
+
+
+def photo(i: int, h: int, w: int) -> np.ndarray:
+    """An (h, w, 3) uint8 image that compresses like a photo: three smooth colour waves plus sensor-like noise."""
+    g = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)  # (h, w) in [0, 1)
+    f = g.uniform(0.3, 2.0, (3, 2))  # periods across the image, per channel and axis
+    waves = [128 + 90 * np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy) + g.uniform(0, 2 * np.pi)) for c in range(3)]
+    img = np.stack(waves, -1) + g.normal(0, 10, (h, w, 3)).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_photos(root: Path, n: int, fmt: str) -> list[bytes]:
+    """``n`` 500x375 photo-like images as shards in ``root`` (split ``train``); their bytes, in key order."""
+    from pipeline.data.sources import encode
+    from pipeline.data.writer import Item, write_samples
+
+    data = [encode(photo(i, 375, 500), fmt, 90) for i in range(n)]
+    items = [Item(f"p{i:06d}", i % 10, lambda b=b: (b, fmt)) for i, b in enumerate(data)]
+    classes = [str(c) for c in range(10)]
+    write_samples(root, items, classes=classes, source={"kind": "bench"}, image_size=None, val_frac=0.0)
+    return data
 
 
 def make_foreign_shards(root: Path, shards: int, per_shard: int) -> list[Path]:
@@ -188,7 +219,10 @@ def load_bench(n: int, repeat: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small run (a smoke test of the script)")
-    p.add_argument("--only", choices=("loader", "index"), help="run one of the two benchmarks")
+    p.add_argument("--only", choices=("loader", "decode", "index"), help="run one of the three benchmarks")
+    p.add_argument("--decode-n", type=int, default=512, help="decode: images per format")
+    p.add_argument("--decode-sizes", default="224,128", help="decode: output sides, comma-separated")
+    p.add_argument("--rounds", type=int, default=5, help="decode: interleaved rounds (medians are compared)")
     p.add_argument("--index-shards", type=int, default=100, help="index: shards written")
     p.add_argument("--index-samples", type=int, default=500, help="index: samples per shard")
     p.add_argument("--index-load", type=int, default=100_000, help="index: shards in the index whose load is timed")
@@ -201,10 +235,45 @@ def main() -> None:
     if a.quick:
         a.n, a.src_size, a.size, a.batch, a.repeat = 256, 128, 112, 32, 1
         a.index_shards, a.index_samples, a.index_load = 8, 50, 1000
-    if a.only != "loader":
+        a.decode_n, a.decode_sizes, a.rounds = 96, "224", 1
+    if a.only in (None, "index"):
         index_bench(a.index_shards, a.index_samples, a.repeat, a.index_load)
-    if a.only != "index":
+    if a.only in (None, "loader"):
         loader_bench(a)
+    if a.only in (None, "decode"):
+        decode_bench(a.decode_n, [int(x) for x in a.decode_sizes.split(",")], a.batch, a.rounds)
+
+
+def decode_bench(n: int, sizes: list[int], batch: int, rounds: int) -> None:
+    """Per-core images/s on 500x375 photos: the bare loop against the loader's decode, interleaved rounds."""
+    torch.set_num_threads(1)
+    batch = min(batch, n // 4)
+    measure = n - 2 * batch  # images timed per round, after the first batch
+    print(f"\nper core: images per CPU second of 1 process (1 torch thread), {n} images 500x375 per format, "
+          f"{measure} timed per round after the 1st batch, batch {batch}, median of {rounds} interleaved rounds, "
+          f"{os.cpu_count()} CPUs visible")  # fmt: skip
+    print("| format | crop | measurement | images/CPU-s (median) | min-max | / bare loop |\n|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("jpg", "png", "webp"):
+            root = Path(tmp) / fmt
+            data = write_photos(root, n, fmt)
+            kb = sum(map(len, data)) / len(data) / 1024
+            for size in sizes:
+                methods = {
+                    "bare loop: PIL + torchvision.transforms": partial(bare_tv, data, size, batch),
+                    "loader's decode + crop, reduced decode": partial(bare_own, data, size, batch, "pil", True),
+                    "loader's decode + crop, full decode": partial(bare_own, data, size, batch, "pil", False),
+                    "build_loader, 0 workers (reduced decode)": partial(loader_batches, root, size, batch, 0, "pil"),
+                }
+                got: dict[str, list[float]] = {name: [] for name in methods}
+                for _ in range(rounds):  # interleaved: a slow spell of a shared machine hits every method
+                    for name, make in methods.items():
+                        got[name].append(rate(make, measure, clock=time.process_time))
+                base = float(np.median(got[next(iter(got))]))
+                for name, rates in got.items():
+                    med = float(np.median(rates))
+                    print(f"| {fmt} ({kb:.0f} KB) | {size} | {name} | {med:.0f} | {min(rates):.0f}-{max(rates):.0f} "
+                          f"| {med / base:.2f}x |")  # fmt: skip
 
 
 def loader_bench(a: argparse.Namespace) -> None:

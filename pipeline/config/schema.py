@@ -123,6 +123,8 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 512  # samples held per worker for the in-stream shuffle
     decoder: Literal["pil", "torchvision"] = "pil"
+    # JPEGs whose crop is >= 2x the output decoded at 1/2, 1/4 or 1/8 scale (libjpeg); same crop geometry
+    reduced_decode: bool = True
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     hflip: float = 0.5

@@ -52,11 +52,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def open_image(data: bytes) -> Image.Image:
+    """The image's header only: size, mode and format are known, no pixel is decoded yet."""
+    return Image.open(io.BytesIO(data))  # no `with`: closing would free the pixels to_rgb may return as they are
+
+
+def load_rgb(img: Image.Image, *, reduce: int = 1) -> tuple[Image.Image, int]:
+    """Decode an opened image to the end (a truncated file raises here, not later) into 8-bit RGB, and
+    the scale it was decoded at: a JPEG at 1/``reduce`` of its size (``reduce`` in 1, 2, 4, 8) through
+    libjpeg's DCT scaling (PIL's ``draft``), which skips most of the inverse DCT and the colour
+    conversion of the pixels it leaves out; any other format, or ``reduce`` 1, at full size. Output
+    pixel (x, y) at scale s covers source pixels [s x, s x + s) x [s y, s y + s) (ceil(W / s) wide)."""
+    assert reduce in (1, 2, 4, 8), f"libjpeg scales by 1/2, 1/4 or 1/8, not 1/{reduce}"
+    scale, (w, h) = 1, img.size
+    if reduce > 1 and img.format == "JPEG" and min(w, h) >= reduce:
+        # draft picks the largest s with (w // s, h // s) asked for fitting; it returns the box of the full
+        # image in decoded pixels, (0, 0, w / s, h / s), or None when it cannot scale this file
+        got = img.draft("RGB", (w // reduce, h // reduce))
+        scale = 1 if got is None else round(w / got[1][2])
+        assert scale == reduce or got is None, f"PIL's draft chose 1/{scale} for 1/{reduce} of {w}x{h}"
+    img.load()
+    return to_rgb(img), scale
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode image bytes fully (a truncated file raises here, not later) into 8-bit RGB."""
-    img = Image.open(io.BytesIO(data))  # no `with`: closing would free the pixels to_rgb may return as they are
-    img.load()
-    return to_rgb(img)
+    return load_rgb(open_image(data))[0]
 
 
 def decode_or_skip(sample: RawSample, render: Callable[[bytes], T]) -> tuple[T | None, SkipKind | None]:

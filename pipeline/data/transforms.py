@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from pipeline.data.pixels import decode_rgb
+from pipeline.data.pixels import decode_rgb, load_rgb, open_image
 
 Decoder = Literal["pil", "torchvision"]
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -89,20 +89,39 @@ def _decode_tv(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.array(decode_rgb(data))).permute(2, 0, 1)  # 'h w c -> c h w'
 
 
-def crop_resize(data: bytes, box_fn, size: tuple[int, int], flip: bool, decoder: Decoder) -> np.ndarray:
-    """Decode ``data``, crop ``box_fn(h, w)``, resize to ``size`` (H, W), maybe flip: (H, W, 3) uint8."""
-    if decoder == "pil":
-        img = decode_rgb(data)
-        top, left, ch, cw = box_fn(img.height, img.width)
-        img = img.resize((size[1], size[0]), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+def dct_scale(crop: tuple[int, int], size: tuple[int, int]) -> int:
+    """The largest libjpeg reduction s (8, 4, 2 or 1) whose decoded crop (ch / s, cw / s) still covers
+    the output ``size`` (H, W) in both dimensions: the resize after it only shrinks, so no detail the
+    output can hold is lost (issue 19; this is how the fastest CPU loaders decode)."""
+    ch, cw = crop
+    return next((s for s in (8, 4, 2) if ch >= s * size[0] and cw >= s * size[1]), 1)
+
+
+def crop_resize(
+    data: bytes, box_fn, size: tuple[int, int], flip: bool, decoder: Decoder, *, reduced: bool = True
+) -> np.ndarray:
+    """Decode ``data``, crop ``box_fn(h, w)``, resize to ``size`` (H, W), maybe flip: (H, W, 3) uint8.
+
+    ``box_fn`` always gets the full image's (h, w), read from the header before any decoding, so the
+    crop's geometry (and the draws behind it) is the same with ``reduced`` on or off. With ``reduced``,
+    a JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 scale
+    (:func:`dct_scale`) and the box is mapped onto the smaller image. torchvision has no reduced JPEG
+    decode, so its decoder sends those JPEGs down the PIL path (the same pixels as ``decoder="pil"``);
+    crops too small to reduce, and PNG/WebP, are decoded as before by either decoder.
+    """
+    img = open_image(data)  # header only
+    top, left, ch, cw = box_fn(img.height, img.width)
+    reduce = dct_scale((ch, cw), size) if reduced and img.format == "JPEG" else 1
+    if decoder == "pil" or reduce > 1:
+        img, s = load_rgb(img, reduce=reduce)
+        # PIL's resize takes a float box: the crop in decoded pixels, the full-size box divided by s
+        img = img.resize((size[1], size[0]), Image.BILINEAR, box=(left / s, top / s, (left + cw) / s, (top + ch) / s))
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return np.asarray(img)
     from torchvision.transforms.v2.functional import resized_crop
 
-    img = _decode_tv(data)
-    top, left, ch, cw = box_fn(img.shape[1], img.shape[2])
-    out = resized_crop(img, top, left, ch, cw, list(size), antialias=True)  # (3, H, W)
+    out = resized_crop(_decode_tv(data), top, left, ch, cw, list(size), antialias=True)  # (3, H, W)
     return (out.flip(-1) if flip else out).permute(1, 2, 0).numpy()
 
 

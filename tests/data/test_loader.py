@@ -71,6 +71,21 @@ def test_resume_at_the_same_size_yields_the_same_batches(synthetic_shards, worke
         assert torch.equal(y1, y2) and torch.equal(x1, x2)  # the same crops and flips, too
 
 
+def test_resume_is_exact_through_the_reduced_jpeg_decode(synthetic_shards):
+    # 8x8 crops of the 32x32 JPEGs: every crop of 16x16 or more (area >= 25 %) is decoded at 1/2 scale
+    kw = dict(rank=0, world_size=1, batch_size=8, image_size=(8, 8), seed=7, with_keys=True)
+    with build_loader(data_cfg(synthetic_shards, num_workers=1), **kw) as loader:
+        straight = take(loader, 8)
+    with build_loader(data_cfg(synthetic_shards, num_workers=1), **kw) as loader:
+        take(loader, 3)
+        state = json.loads(json.dumps(loader.state_dict()))
+    with build_loader(data_cfg(synthetic_shards, num_workers=0), **kw) as loader:
+        loader.load_state_dict(state)
+        resumed = take(loader, 5)
+    for (x1, y1, k1), (x2, y2, k2) in zip(straight[3:], resumed, strict=True):
+        assert k1 == k2 and torch.equal(y1, y2) and torch.equal(x1, x2)
+
+
 def test_resume_at_another_size_finishes_the_epoch_without_repeats(synthetic_shards):
     old = run_ranks(data_cfg(synthetic_shards, num_workers=2), world=2, batch=8, n=5)
     seen = [k for batches, *_ in old for k in keys_of(batches)]

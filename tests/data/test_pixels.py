@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.data.pixels import decode_or_skip, decode_rgb
+from pipeline.data.pixels import decode_or_skip, decode_rgb, load_rgb, open_image
 from pipeline.data.tario import RawSample
 
 
@@ -38,3 +38,17 @@ def test_a_render_error_after_decoding_is_a_corrupt_image_too() -> None:
         raise ValueError("cannot convert mode")
 
     assert decode_or_skip(_sample(_jpeg((0, 0, 0))), render) == (None, "corrupt_image")
+
+
+def _encoded(h: int, w: int, fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_load_rgb_decodes_a_jpeg_at_the_asked_scale_and_anything_else_in_full() -> None:
+    for reduce, shape in [(1, (375, 500, 3)), (2, (188, 250, 3)), (4, (94, 125, 3)), (8, (47, 63, 3))]:
+        img, scale = load_rgb(open_image(_encoded(375, 500, "JPEG")), reduce=reduce)
+        assert (scale, np.asarray(img).shape) == (reduce, shape)  # ceil(side / scale)
+    img, scale = load_rgb(open_image(_encoded(40, 60, "PNG")), reduce=4)
+    assert (scale, img.size) == (1, (60, 40))
