@@ -68,6 +68,7 @@ class Look:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     decoder: Decoder
+    reduced_decode: bool
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     hflip: float
@@ -75,7 +76,7 @@ class Look:
 
     @classmethod
     def of(cls, cfg: DataConfig, image_size: tuple[int, int]) -> Look:
-        fields = ("mean", "std", "decoder", "crop_scale", "crop_ratio", "hflip", "eval_crop_pct")
+        fields = ("mean", "std", "decoder", "reduced_decode", "crop_scale", "crop_ratio", "hflip", "eval_crop_pct")
         return cls(image_size=tuple(image_size), **{f: getattr(cfg, f) for f in fields})
 
 

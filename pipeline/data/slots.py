@@ -84,7 +84,8 @@ class SlotEpoch:
 
         def render(data: bytes) -> np.ndarray:
             box = functools.partial(draws.box, i, ratio=look.crop_ratio)
-            return crop_resize(data, box, look.image_size, bool(draws.flip[i]), look.decoder)
+            flip = bool(draws.flip[i])
+            return crop_resize(data, box, look.image_size, flip, look.decoder, reduced=look.reduced_decode)
 
         return decode_or_skip(sample, render)
 

@@ -61,7 +61,9 @@ class ValStream(IterableDataset):
         tally.counts[DATA_SAMPLES_READ] += len(samples)
         u8[len(samples) :] = 0  # padding
         box = functools.partial(eval_box, size=look.image_size, crop_pct=look.eval_crop_pct)
-        render = functools.partial(crop_resize, box_fn=box, size=look.image_size, flip=False, decoder=look.decoder)
+        render = functools.partial(
+            crop_resize, box_fn=box, size=look.image_size, flip=False, decoder=look.decoder, reduced=look.reduced_decode
+        )
         for i, s in enumerate(samples):
             keys[i] = s.key
             pixels, kind = decode_or_skip(s, render)

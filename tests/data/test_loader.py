@@ -86,6 +86,20 @@ def test_resume_is_exact_through_the_reduced_jpeg_decode(synthetic_shards):
         assert k1 == k2 and torch.equal(y1, y2) and torch.equal(x1, x2)
 
 
+def test_reduced_decode_can_be_switched_off(synthetic_shards):
+    # 8x8 crops of 32x32 JPEGs: most are decoded at 1/2 scale, unless data.reduced_decode is false
+    kw = dict(rank=0, world_size=1, batch_size=16, image_size=(8, 8), seed=7)
+    out = {}
+    for reduced in (True, False):
+        with build_loader(data_cfg(synthetic_shards, num_workers=0, reduced_decode=reduced), **kw) as loader:
+            out[reduced] = next(iter(loader))[0]
+        val = build_val_loader(data_cfg(synthetic_shards, num_workers=0, reduced_decode=reduced), rank=0,
+                               world_size=1, batch_size=40, image_size=(8, 8))  # fmt: skip
+        out["val", reduced] = next(iter(val))[0]
+    for a, b in [(out[True], out[False]), (out["val", True], out["val", False])]:
+        assert 0 < (a - b).abs().mean() < 0.05  # normalised units: ~1/58 per level of 255; the bound: test_transforms
+
+
 def test_resume_at_another_size_finishes_the_epoch_without_repeats(synthetic_shards):
     old = run_ranks(data_cfg(synthetic_shards, num_workers=2), world=2, batch=8, n=5)
     seen = [k for batches, *_ in old for k in keys_of(batches)]
