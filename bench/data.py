@@ -20,7 +20,7 @@ and 0 workers keeps all of the loader's work in the process. Goal (issue 19):
 reduced decode on JPEGs >= 2x the bare loop; PNG/WebP have no reduced decode and are reported as they are.
 
 Index (``--only index``): webdataset ``ShardWriter`` shards (jpg 4 KB, cls, json), indexed by
-``shards index`` (tar headers and label members only) in one process and in one process per CPU,
+``python -m pipeline.data index`` (tar headers and label members only) in one process and in one process per CPU,
 against GNU ``tar -tf`` run on one shard after another (the listing a shell loop would make); the
 page cache is warm for both. Then an index of 100,000 shards is loaded as a rank loads it
 (``read_index`` + the layout fingerprint), in a fresh process. Goals: one process faster than
@@ -170,7 +170,7 @@ def index_bench(shards: int, per_shard: int, repeat: int, big: int) -> None:
         methods = {"GNU tar -tf, one shard after another": tar_tf}
         for jobs in sorted({1, os.cpu_count() or 1}):
             scan = partial(scan_all, names, CLS_LABELS, jobs=jobs, sha256=False, progress=False)
-            methods[f"shards index, {jobs} process{'es' if jobs > 1 else ''}"] = scan
+            methods[f"pipeline.data index, {jobs} process{'es' if jobs > 1 else ''}"] = scan
         best = {name: (float("inf"), float("inf")) for name in methods}
         for _ in range(repeat):  # interleaved rounds: a slow spell of a shared machine hits every method
             for name, fn in methods.items():
