@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from launch.memory_plan import activation_bytes
+from pipeline.config import ModelConfig
 from pipeline.model import ViT, forward_macs, vit_preset
 
 # Dense bf16 tensor-core peaks (vendor data sheets); the first name found in the device name wins.
@@ -128,29 +130,61 @@ def saved_activation_bytes(model: ViT, img: torch.Tensor) -> int:
     return sum(kept.values())
 
 
-def bench_checkpointing(reps: int, batch: int) -> None:
+def round_robin(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, timed in rounds (every function once per round, in order)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+RECOMPUTE_MODES = (("none", 1), ("full", 1), ("selective", 1), ("every_k", 2), ("every_k", 3))
+
+
+def bench_recompute(reps: int, batch: int) -> None:
+    """Step time and activation memory of every recompute mode on ViT-S/16, side by side.
+
+    Memory on CPU is measured as the unique storage bytes that autograd (and selective recompute's
+    cache) keeps after the forward; the peak in backward adds one recomputed block on top, which is
+    the memory plan's figure (launch/memory_plan.py, checked against the same measurement in tests).
+    """
     torch.manual_seed(0)
     model = vit_preset("S/16").train()
     img, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
-    sizes = []
-    for enabled in (False, True):
-        model.set_grad_checkpointing(enabled)
-        sizes.append(saved_activation_bytes(model, img))
-    print(
-        f"{'saved activations ViT-S/16 b' + str(batch) + ': without / with checkpointing':<58} "
-        f"{sizes[0] / 2**20:>8.1f}MB {sizes[1] / 2**20:>8.1f}MB {sizes[0] / sizes[1]:>7.2f}  goal >= 10"
-    )
+    cfg = ModelConfig(**{k: v for k, v in model.init_kwargs.items() if k in ModelConfig.__dataclass_fields__})
     step = train_step(model, img, labels)
 
-    def with_ckpt() -> None:
-        model.set_grad_checkpointing(True)
-        step()
+    def run(mode: str, every: int) -> Callable[[], None]:
+        def go() -> None:
+            model.set_recompute(mode, every=every)  # type: ignore[arg-type]
+            step()
 
-    def without() -> None:
-        model.set_grad_checkpointing(False)
-        step()
+        return go
 
-    row("train step: with / without checkpointing", *interleaved(with_ckpt, without, reps), "goal <= 1.40")
+    names = {f"{mode}" + (f" k={every}" if mode == "every_k" else ""): (mode, every) for mode, every in RECOMPUTE_MODES}
+    saved, peak = {}, {}
+    for name, (mode, every) in names.items():
+        model.set_recompute(mode, every=every)  # type: ignore[arg-type]
+        saved[name] = saved_activation_bytes(model, img)
+        peak[name] = activation_bytes(cfg, micro_batch=batch, precision="fp32", recompute=mode, every=every)
+    medians = round_robin({name: run(*mode) for name, mode in names.items()}, reps)
+    print(f"\nrecompute modes, ViT-S/16 224 b{batch} fp32 train step, median of {reps} interleaved rounds")
+    print(
+        f"{'mode':<12} {'step ms':>9} {'/ none':>7} {'saved MB':>9} {'none /':>7} {'peak MB (plan)':>15} {'none /':>7}"
+    )
+    for name in names:
+        print(
+            f"{name:<12} {medians[name] * 1e3:>9.1f} {medians[name] / medians['none']:>7.3f} "
+            f"{saved[name] / 2**20:>9.1f} {saved['none'] / saved[name]:>7.2f} "
+            f"{peak[name] / 2**20:>15.1f} {peak['none'] / peak[name]:>7.2f}"
+        )
+    print("goal: a mode at <= 1.15x step time with >= 8x less activation memory than none")
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -261,6 +295,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions per side (median; >= 5)")
     parser.add_argument("--quick", action="store_true", help="5 repetitions, smaller CPU batches")
     parser.add_argument("--skip-cpu", action="store_true", help="only the accelerator section")
+    parser.add_argument("--recompute-only", action="store_true", help="only the recompute modes (CPU)")
+    parser.add_argument("--recompute-batch", type=int, default=8, help="batch of --recompute-only")
     parser.add_argument(
         "--accel-device", default="cuda", help="device of the throughput section (cuda, or cpu to try it)"
     )
@@ -276,11 +312,14 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"CPU: {cpu_name()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}, "
           f"timm {timm.__version__}, GPU: {gpu}")  # fmt: skip
+    if args.recompute_only:
+        bench_recompute(reps, batch=args.recompute_batch)
+        return
     if not args.skip_cpu:
         print(f"\n{'CPU, fp32, median of ' + str(reps) + ' interleaved reps':<58} {'A ms':>10} {'B ms':>10} {'A/B':>7}")
         bench_vs_timm(reps, batch=4 if args.quick else 8)
         bench_attention(reps, batch=8)
-        bench_checkpointing(reps, batch=4 if args.quick else 8)
+        bench_recompute(reps, batch=4 if args.quick else 8)
     device = torch.device(args.accel_device)
     if device.type == "cpu" or torch.cuda.is_available():
         bench_accelerator(args, device)

@@ -22,10 +22,21 @@ This is Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Tra
 eq. 1: 34sbh + 5as²b at e=2) without the 5as²b attention-matrix terms, which the fused attention of
 ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels) does not store. Outside the
 blocks: the flattened patches (b·N·C·p²), the last block's output (CLS pooling selects a view of it,
-which keeps all of it alive), the pooled vector through norm and head, and fp32 logits. With
-gradient checkpointing every block keeps only its input (e·sbh) and one block at a time is
-recomputed in backward, so the peak is L·e·sbh + one block + the outside terms.
-tests/launch/test_memory_plan.py checks the formula against the tensors autograd actually saves.
+which keeps all of it alive), the pooled vector through norm and head, and fp32 logits.
+
+Recompute (``model.recompute``, see ``ViT.set_recompute``) trades these for compute in backward:
+
+- full: every block keeps only its input (e·sbh) and one block at a time is recomputed in
+  backward, so the peak is L·e·sbh + one block + the outside terms.
+- every_k: blocks 0, k, 2k, ... (c = ceil(L/k) of them) as in full, the others keep everything:
+  (L - c) blocks + c·e·sbh + one block.
+- selective: each block keeps its input, the outputs of its four matmuls and of fused attention,
+  e·(3sbh + 4sbi + sbm) + 4asb (the output projection's sbh is absent when the model has none; with
+  attention dropout the attention kernel is recomputed, so its sbi and 4asb are not kept). Backward
+  redoes one block's norms, GELU and masks on top: one block + 2e·sbh - what it keeps (the 2e·sbh:
+  the projection outputs it keeps, which a plain block does not).
+
+tests/launch/test_memory_plan.py checks each formula against the tensors autograd actually saves.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config, ModelConfig
 from pipeline.model.presets import pair
+from pipeline.model.vit import RECOMPUTE_MODES, Recompute
 
 GiB = 1024**3
 # (16-bit or fp32 parameters, gradients, optimizer states) bytes per parameter
@@ -93,20 +105,38 @@ def model_state_bytes(
     return StageBytes(stage, round(params), round(grads), round(optimizer), round(cpu))
 
 
-def activation_bytes(model: ModelConfig, *, micro_batch: int, precision: str, checkpointing: bool) -> int:
-    """Bytes one micro batch keeps for backward (formula in the module doc)."""
-    patches, patch_dim, s = _geometry(model)
+def _block_terms(model: ModelConfig, *, micro_batch: int, e: int) -> tuple[int, int]:
+    """(bytes a plain block keeps, bytes a selectively recomputed block keeps), formulas in the module doc."""
+    _, _, s = _geometry(model)
     b, h, m, a = micro_batch, model.dim, model.mlp_dim, model.heads
     i = model.heads * model.dim_head
-    e = 4 if precision == "fp32" else 2
     block = e * (4 * s * b * h + 4 * s * b * i + 2 * s * b * m) + 4 * a * s * b + 16 * s * b
     if model.dropout > 0:
         block += 2 * s * b * h + s * b * m
+    # the block input and the outputs of the attention projection (absent in a one-head model) and of fc2
+    kept_sbh = 2 if (model.heads == 1 and model.dim_head == h) else 3
+    selective = e * (kept_sbh * s * b * h + 3 * s * b * i + s * b * m)
+    if model.dropout == 0:  # the fused attention's output and log-sum-exp
+        selective += e * s * b * i + 4 * a * s * b
+    return block, selective
+
+
+def activation_bytes(
+    model: ModelConfig, *, micro_batch: int, precision: str, recompute: Recompute = "none", every: int = 2
+) -> int:
+    """Peak bytes one micro batch keeps for backward under ``recompute`` (formulas in the module doc)."""
+    patches, patch_dim, s = _geometry(model)
+    b, h = micro_batch, model.dim
+    e = 4 if precision == "fp32" else 2
+    block, selective = _block_terms(model, micro_batch=micro_batch, e=e)
     last_tokens = s * b * h if (model.pool == "cls" or model.norm_before_pool) else 0
     outside = e * (b * patches * patch_dim + last_tokens + b * h) + 8 * b + 4 * b * model.num_classes
-    if checkpointing:
-        return model.depth * e * s * b * h + block + outside
-    return model.depth * block + outside
+    depth = model.depth
+    if recompute == "selective":
+        return depth * selective + block + 2 * e * s * b * h - selective + outside
+    checkpointed = {"none": 0, "full": depth, "every_k": len(range(0, depth, every))}[recompute]
+    recomputed_block = block if checkpointed else 0
+    return (depth - checkpointed) * block + checkpointed * e * s * b * h + recomputed_block + outside
 
 
 @dataclass(frozen=True)
@@ -120,9 +150,11 @@ class MemoryPlan:
     micro_batch_size: int
     tokens: int
     stages: tuple[StageBytes, ...]  # stages 0..3, for comparison
-    activations: int  # without gradient checkpointing
-    activations_checkpointed: int
-    grad_checkpointing: bool  # what the config asks for
+    activations: int  # without recompute
+    activations_checkpointed: int  # recompute=full
+    activations_by_mode: dict[str, int]  # every recompute mode, "none" and "full" included
+    recompute: str  # what the config asks for
+    recompute_every: int
     gpu_mem_bytes: int  # 0: unknown
 
     @property
@@ -131,9 +163,8 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        """Model states at the configured stage + activations with the configured checkpointing."""
-        acts = self.activations_checkpointed if self.grad_checkpointing else self.activations
-        return self.stages[self.zero_stage].gpu_total + acts
+        """Model states at the configured stage + activations with the configured recompute."""
+        return self.stages[self.zero_stage].gpu_total + self.activations_by_mode[self.recompute]
 
 
 def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
@@ -155,8 +186,11 @@ def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
     )
     micro = cfg.batch_plan(world).micro_batch_size
 
-    def acts(ckpt: bool) -> int:
-        return activation_bytes(model, micro_batch=micro, precision=t.precision, checkpointing=ckpt)
+    by_mode = {
+        mode: activation_bytes(model, micro_batch=micro, precision=t.precision, recompute=mode,
+                               every=model.recompute_every)
+        for mode in RECOMPUTE_MODES
+    }  # fmt: skip
 
     return MemoryPlan(
         num_params=num_params,
@@ -168,9 +202,11 @@ def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
         micro_batch_size=micro,
         tokens=_geometry(model)[2],
         stages=stages,
-        activations=acts(False),
-        activations_checkpointed=acts(True),
-        grad_checkpointing=model.grad_checkpointing,
+        activations=by_mode["none"],
+        activations_checkpointed=by_mode["full"],
+        activations_by_mode=by_mode,
+        recompute=model.recompute_mode,
+        recompute_every=model.recompute_every,
         gpu_mem_bytes=round(cfg.launch.gpu_mem_gb * GiB),
     )
 
@@ -202,10 +238,14 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(f"    {s.stage}{mark}  {cells}")
     lines.append("    (* = train.zero_stage)")
     lines.append(
-        f"  activations per micro batch of {plan.micro_batch_size} images ({plan.tokens} tokens, fused attention): "
-        f"{_size(plan.activations).strip()} without checkpointing, {_size(plan.activations_checkpointed).strip()} "
-        f"with (model.grad_checkpointing={str(plan.grad_checkpointing).lower()})"
+        f"  activations per micro batch of {plan.micro_batch_size} images ({plan.tokens} tokens, fused attention), "
+        "peak in backward by model.recompute:"
     )
+    for mode, size in plan.activations_by_mode.items():
+        mark = " *" if mode == plan.recompute else "  "
+        every = f" (model.recompute_every={plan.recompute_every})" if mode == "every_k" else ""
+        lines.append(f"    {mode:<10}{mark} {_size(size)}  none / this {plan.activations / size:4.1f}{every}")
+    lines.append("    (* = model.recompute)")
     total = f"  total at stage {plan.zero_stage}: {_size(plan.total).strip()}"
     if plan.gpu_mem_bytes:
         share = plan.total / plan.gpu_mem_bytes

@@ -57,7 +57,11 @@ class ModelConfig:
     patch_norm: bool = False
     norm_before_pool: bool = False
     class_token: bool = True
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # the older switch: true is recompute=full
+    # What backward recomputes instead of keeping (ViT.set_recompute; `--dry-run` plans each mode):
+    # full redoes every block, selective only norms/GELU/dropout, every_k every recompute_every-th block.
+    recompute: Literal["none", "full", "selective", "every_k"] = "none"
+    recompute_every: int = 2
 
     def __post_init__(self) -> None:
         (ih, iw), (ph, pw) = pair(self.image_size), pair(self.patch_size)
@@ -76,10 +80,27 @@ class ModelConfig:
         for key in ("dropout", "emb_dropout", "drop_path_rate"):
             v = getattr(self, key)
             _require(0.0 <= v < 1.0, f"model.{key} must be in [0, 1), got {v}")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        modes = ("none", "full", "selective", "every_k")
+        _require(self.recompute in modes, f"model.recompute={self.recompute!r}; use one of {', '.join(modes)}")
+        _require(self.recompute_every >= 1, f"model.recompute_every must be >= 1, got {self.recompute_every}")
+        if self.grad_checkpointing:
+            _require(
+                self.recompute in ("none", "full"),
+                f"model.grad_checkpointing=true means model.recompute=full, but model.recompute={self.recompute!r}; "
+                "set only model.recompute (and model.grad_checkpointing=false)",
+            )
+
+    @property
+    def recompute_mode(self) -> str:
+        """The recompute that runs: model.recompute, or "full" for the older model.grad_checkpointing=true."""
+        return "full" if self.grad_checkpointing else self.recompute
 
     def vit_kwargs(self) -> dict:
         """Keyword arguments for ``pipeline.model.ViT``."""
-        skip = {"preset", "grad_checkpointing"}
+        skip = {"preset", "grad_checkpointing", "recompute", "recompute_every"}
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
 
 

@@ -29,21 +29,63 @@ with std 1e-6.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pipeline.model.presets import pair, preset_kwargs
 
 Pool = Literal["cls", "mean"]
 HeadInit = Literal["zero", "trunc_normal"]
+Recompute = Literal["none", "full", "selective", "every_k"]
+RECOMPUTE_MODES: tuple[str, ...] = get_args(Recompute)
 INIT_STD = 0.02
+
+# Selective recompute keeps what is expensive to redo: every Linear (it lowers to addmm, or mm
+# without a bias) and the fused attention kernels; norms, GELU, dropout and drop path are redone.
+# Korthikanti et al. 2022 keep the matmul outputs and recompute the attention core for its s^2
+# matrices; fused attention stores none, so here what is cheap to redo are the elementwise ops.
+_MATMUL_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
+_ATTENTION_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+# Route the cached outputs through saved-tensor hooks (save_on_cpu, memory accounting) where torch can.
+_SAC_HOOK_KWARGS = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    else {}
+)
+
+
+def _selective_context(*, attention_dropout: bool) -> Callable:
+    """``context_fn`` for ``checkpoint`` that keeps the matmul and attention outputs.
+
+    With attention dropout the attention kernel draws random numbers: it is recomputed too, because a
+    cached random op would not advance the generator in the replay and every later dropout mask of
+    the block would differ from the forward's.
+    """
+    keep = _MATMUL_OPS if attention_dropout else _MATMUL_OPS | _ATTENTION_OPS
+
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
 @torch.no_grad()
@@ -232,7 +274,8 @@ class ViT(nn.Module):
         self.pool_type: Pool = pool
         self.norm_before_pool = norm_before_pool
         self.num_prefix_tokens = 1 if class_token else 0
-        self.grad_checkpointing = False
+        self.recompute: Recompute = "none"
+        self.recompute_every = 2
 
         self.patch_embed = PatchEmbed(
             patch_size=self.patch_size, channels=channels, dim=dim, norm=patch_norm, eps=layer_norm_eps
@@ -289,10 +332,18 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + N, D)
         x = self.emb_drop(x + self.pos_embed)
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            # recompute each block in backward instead of keeping its activations
-            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+        mode = self.recompute if self.training and torch.is_grad_enabled() else "none"
+        if mode == "selective":
+            attention_dropout = any(block.attn.dropout > 0 for block in self.blocks)
+            context = _selective_context(attention_dropout=attention_dropout)
+        for i, block in enumerate(self.blocks):
+            if mode == "full" or (mode == "every_k" and i % self.recompute_every == 0):
+                # keep only the block's input; redo the whole block in backward
+                x = checkpoint(block, x, use_reentrant=False)
+            elif mode == "selective":
+                x = checkpoint(block, x, use_reentrant=False, context_fn=context, **_SAC_HOOK_KWARGS)
+            else:
+                x = block(x)
         return self.norm(x) if self.norm_before_pool else x
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -306,9 +357,27 @@ class ViT(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.pool(self.forward_features(img)))
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether training recomputes anything in backward (any ``recompute`` mode but "none")."""
+        return self.recompute != "none"
+
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Checkpoint every block in training (saves activation memory for ~1/3 more compute)."""
-        self.grad_checkpointing = enabled
+        self.set_recompute("full" if enabled else "none")
+
+    def set_recompute(self, mode: Recompute, *, every: int = 2) -> None:
+        """What training recomputes in backward instead of keeping (only in training, with grad on).
+
+        "none": keep everything; "full": keep each block's input and redo the block; "selective":
+        keep the matmul and attention outputs and redo norms, GELU, dropout and drop path;
+        "every_k": redo blocks 0, k, 2k, ... in full and keep the others whole (``every`` = k).
+        """
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute mode {mode!r} is not supported; use one of {', '.join(RECOMPUTE_MODES)}")
+        if every < 1:
+            raise ValueError(f"recompute every={every}: must be >= 1 (1 checkpoints every block, as 'full')")
+        self.recompute, self.recompute_every = mode, every
 
     def reset_head(self, num_classes: int, init: HeadInit = "zero") -> None:
         """Replace the classifier by a fresh one; zero init as in the ViT paper's fine-tuning (sec. 3.2)."""

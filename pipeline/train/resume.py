@@ -34,6 +34,7 @@ _SAFE_KEYS = frozenset({
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export_final",
     "finetune.export_best", "data.val_split", "data.val_batch_size", "data.eval_crop_pct", "data.prefetch_factor",
     "data.max_skip_frac", "data.skip_check_after", "model.preset", "model.grad_checkpointing",
+    "model.recompute", "model.recompute_every",
 })  # fmt: skip
 # Honoured, with what it does to the run said in the log.
 _NOTED = {

@@ -286,7 +286,7 @@ def _build_model(cfg: Config, stage: Stage, *, fresh: bool) -> ViT:
     """The model, initialised by the stage (a fine-tune's fresh start: the pretrained backbone)."""
     model = ViT(**cfg.model.vit_kwargs())
     stage.init_model(model, fresh=fresh)
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model.set_recompute(cfg.model.recompute_mode, every=cfg.model.recompute_every)
     return model
 
 

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, config_diff, dump_config, flatten, load_config, save_config
+from pipeline.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_diff,
+    dump_config,
+    flatten,
+    load_config,
+    save_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
@@ -105,3 +114,20 @@ def test_missing_file() -> None:
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+def test_recompute_modes_and_the_older_checkpointing_switch() -> None:
+    assert load_config(None, []).model.recompute_mode == "none"
+    assert load_config(None, ["model.grad_checkpointing=true"]).model.recompute_mode == "full"
+    both = load_config(None, ["model.grad_checkpointing=true", "model.recompute=full"])
+    assert both.model.recompute_mode == "full"
+    k = load_config(None, ["model.recompute=every_k", "model.recompute_every=3"]).model
+    assert (k.recompute_mode, k.recompute_every, "recompute" in k.vit_kwargs()) == ("every_k", 3, False)
+    with pytest.raises(ConfigError, match=r"'model\.recompute' must be one of 'none', 'full', 'selective', 'every_k'"):
+        load_config(None, ["model.recompute=some"])
+    with pytest.raises(ConfigError, match=r"model\.recompute_every must be >= 1, got 0"):
+        load_config(None, ["model.recompute=every_k", "model.recompute_every=0"])
+    with pytest.raises(ConfigError, match=r"grad_checkpointing=true means model\.recompute=full.*'selective'"):
+        load_config(None, ["model.grad_checkpointing=true", "model.recompute=selective"])
+    with pytest.raises(ConfigError, match=r"model\.recompute='some'; use one of none, full, selective, every_k"):
+        ModelConfig(recompute="some")  # type: ignore[arg-type]

@@ -48,11 +48,13 @@ def test_zero_stage_bytes_follow_the_paper() -> None:
     assert (off.params, off.grads, off.optimizer, off.cpu) == (0, n // 2, 0, 3 * n + n // 2)
 
 
-def _saved_bytes(cfg, batch: int, *, checkpointing: bool) -> int:
+def _saved_bytes(cfg, batch: int, *, checkpointing: bool = False, recompute: str = "none", every: int = 2) -> int:
     """Bytes of the tensors autograd keeps for backward after one forward (parameters excluded)."""
     torch.manual_seed(0)
     model = ViT(**cfg.model.vit_kwargs()).train()
     model.set_grad_checkpointing(checkpointing)
+    if recompute != "none":
+        model.set_recompute(recompute, every=every)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -73,14 +75,14 @@ def test_activation_bytes_match_what_autograd_saves(overrides: list[str]) -> Non
     cfg = load_config(None, overrides)
     for batch in (2, 5):
         measured = _saved_bytes(cfg, batch, checkpointing=False)
-        planned = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", checkpointing=False)
+        planned = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", recompute="none")
         assert abs(planned - measured) <= 4 * batch, (planned, measured)  # the loss's own (B,) output
         # Checkpointed: forward keeps each block's input; backward recomputes one block on top.
         measured = _saved_bytes(cfg, batch, checkpointing=True)
         shallower = replace(cfg.model, depth=cfg.model.depth - 1)
-        one_block = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", checkpointing=False)
-        one_block -= activation_bytes(shallower, micro_batch=batch, precision="fp32", checkpointing=False)
-        planned = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", checkpointing=True)
+        one_block = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", recompute="none")
+        one_block -= activation_bytes(shallower, micro_batch=batch, precision="fp32", recompute="none")
+        planned = activation_bytes(cfg.model, micro_batch=batch, precision="fp32", recompute="full")
         assert abs(planned - one_block - measured) <= 4 * batch, (planned - one_block, measured)
 
 
@@ -93,3 +95,45 @@ def test_plan_compares_the_total_with_the_gpu() -> None:
     too_big = memory_plan(load_config(None, [*b16, "launch.gpu_mem_gb=12"]), nodes=1, gpus_per_node=8)
     assert too_big.total > 12 * 1024**3 and too_big.activations > 4 * too_big.activations_checkpointed
     assert "DOES NOT FIT" in format_plan(too_big)
+
+
+SMALL = ["model.dim=64", "model.heads=2", "model.mlp_dim=96", "model.depth=5"]
+
+
+@pytest.mark.parametrize("overrides", [SMALL, [*SMALL, "model.heads=1", "model.dim_head=64"]])
+def test_recompute_modes_match_what_autograd_saves(overrides: list[str]) -> None:
+    """Forward keeps the planned peak less the one block that backward recomputes on top of it."""
+    cfg = load_config(None, overrides)
+    m, batch = cfg.model, 3
+    s, h, i = 65, m.dim, m.heads * m.dim_head  # (32 / 4)² patches + CLS
+    plain = activation_bytes(m, micro_batch=batch, precision="fp32")
+    block = plain - activation_bytes(replace(m, depth=m.depth - 1), micro_batch=batch, precision="fp32")
+    # selective: per block the input, qkv, attention output + fp32 log-sum-exp, fc1, and the two projections
+    projections = 2 if (m.heads == 1 and m.dim_head == h) else 3
+    kept = 4 * s * batch * (projections * h + 4 * i + m.mlp_dim) + 4 * m.heads * s * batch
+    planned = activation_bytes(m, micro_batch=batch, precision="fp32", recompute="selective")
+    assert planned == plain - m.depth * (block - kept) + (block + 4 * 2 * s * batch * h - kept)
+    measured = _saved_bytes(cfg, batch, recompute="selective")
+    assert abs(planned - (block + 8 * s * batch * h - kept) - measured) <= 4 * batch, (planned, measured)
+    # every_k with k=2 on 5 blocks: blocks 0, 2, 4 keep their input only, 1 and 3 keep everything
+    for every, checkpointed in ((2, 3), (3, 2), (1, 5)):
+        planned = activation_bytes(m, micro_batch=batch, precision="fp32", recompute="every_k", every=every)
+        assert planned == plain - checkpointed * (block - 4 * s * batch * h) + block
+        measured = _saved_bytes(cfg, batch, recompute="every_k", every=every)
+        assert abs(planned - block - measured) <= 4 * batch, (every, planned - block, measured)
+    full = activation_bytes(m, micro_batch=batch, precision="fp32", recompute="full")
+    assert full == activation_bytes(m, micro_batch=batch, precision="fp32", recompute="every_k", every=1)
+
+
+def test_plan_lists_every_recompute_mode_and_totals_the_configured_one() -> None:
+    b16 = [*VARIANTS[1], "train.precision=bf16", "train.micro_batch_size=64"]
+    plan = memory_plan(load_config(None, [*b16, "model.recompute=every_k", "model.recompute_every=3"]),
+                       nodes=1, gpus_per_node=8)  # fmt: skip
+    acts = plan.activations_by_mode
+    assert list(acts) == ["none", "full", "selective", "every_k"]
+    assert acts["full"] < acts["selective"] < acts["every_k"] < acts["none"]  # k=3: 4 of 12 blocks checkpointed
+    assert plan.total == plan.stages[plan.zero_stage].gpu_total + acts["every_k"]
+    text = format_plan(plan)
+    assert "    every_k    * " in text and "(model.recompute_every=3)" in text
+    legacy = memory_plan(load_config(None, [*b16, "model.grad_checkpointing=true"]), nodes=1, gpus_per_node=8)
+    assert legacy.recompute == "full" and legacy.total == legacy.stages[legacy.zero_stage].gpu_total + acts["full"]

@@ -87,6 +87,46 @@ def test_grad_checkpointing_gives_the_same_gradients_and_saves_less(rates):
     assert saved_count(True) < saved_count(False) / 2
 
 
+@pytest.mark.parametrize("rates", [{}, {"dropout": 0.1, "drop_path_rate": 0.2}])
+@pytest.mark.parametrize(("mode", "every"), [("selective", 2), ("every_k", 2), ("every_k", 3)])
+def test_recompute_modes_give_the_same_gradients_and_save_less(rates, mode, every):
+    model = tiny(depth=4, **rates).train()
+    img, labels = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    plain = _grads(model, img, labels)
+    model.set_recompute(mode, every=every)
+    assert model.grad_checkpointing
+    recomputed = _grads(model, img, labels)
+    for name in plain:  # dropout and drop path replay their draws: torch.utils.checkpoint restores the RNG
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=0, msg=name)
+
+    def saved_bytes(recompute: str) -> int:
+        model.set_recompute(recompute, every=every)
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(img)
+        return sum(kept.values())
+
+    none, full, this = saved_bytes("none"), saved_bytes("full"), saved_bytes(mode)
+    assert full < this < none
+
+
+def test_set_recompute_switches_modes_and_refuses_unknown_ones():
+    model = tiny()
+    model.set_recompute("selective")
+    assert model.recompute == "selective" and model.grad_checkpointing
+    model.set_grad_checkpointing(False)
+    assert model.recompute == "none" and not model.grad_checkpointing
+    with pytest.raises(ValueError, match="use one of none, full, selective, every_k"):
+        model.set_recompute("some")
+    with pytest.raises(ValueError, match="every=0: must be >= 1"):
+        model.set_recompute("every_k", every=0)
+
+
 def test_drop_path_is_identity_in_eval_and_rises_linearly():
     model = tiny(drop_path_rate=0.3, depth=4)
     assert [round(b.drop_path.p, 6) for b in model.blocks] == [0.0, 0.1, 0.2, 0.3]

@@ -26,7 +26,9 @@ def _ours(**changes) -> tuple[ViT, dict]:
                 qkv_bias=True, layer_norm_eps=1e-6)  # fmt: skip
     cfg = asdict(ModelConfig(**{**arch, **changes}))
     torch.manual_seed(0)
-    model = ViT(**{k: v for k, v in cfg.items() if k not in ("preset", "grad_checkpointing")})
+    model = ViT(
+        **{k: v for k, v in cfg.items() if k not in ("preset", "grad_checkpointing", "recompute", "recompute_every")}
+    )
     with torch.no_grad():  # non-trivial values everywhere, LayerNorm affine included
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)

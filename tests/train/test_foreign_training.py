@@ -84,7 +84,11 @@ def assert_timm_loads(export: Path, names: list[str]) -> None:
     from pipeline.train.export import load_export
 
     meta = json.loads((export / "model.json").read_text())
-    cfg = {k: v for k, v in meta["model"].items() if k not in ("preset", "grad_checkpointing")}
+    cfg = {
+        k: v
+        for k, v in meta["model"].items()
+        if k not in ("preset", "grad_checkpointing", "recompute", "recompute_every")
+    }
     ours = ViT(**cfg).eval()
     ours.load_state_dict(load_export(export)[0], strict=True)
     theirs = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
