@@ -25,7 +25,7 @@ def check_data(cfg: Config) -> str:
     from pipeline.data import PreflightError, preflight
 
     ranks, workers = cfg.launch.world_size, cfg.data.num_workers
-    batch = cfg.batch_plan(ranks).micro_batch_size
+    batch = cfg.train.micro_batch_size
     try:
         r = preflight(cfg.data.path, split=cfg.data.train_split, ranks=ranks, workers=workers, batch_size=batch)
     except PreflightError as e:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config, ModelConfig
 from pipeline.model.presets import pair
+from pipeline.train.batch import plan_batch
 
 GiB = 1024**3
 # (16-bit or fp32 parameters, gradients, optimizer states) bytes per parameter
@@ -153,7 +154,7 @@ def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
         )
         for stage in range(4)
     )
-    micro = cfg.batch_plan(world).micro_batch_size
+    micro = plan_batch(cfg.train, world).micro_batch_size  # refuses arithmetic that does not fit `world`
 
     def acts(ckpt: bool) -> int:
         return activation_bytes(model, micro_batch=micro, precision=t.precision, checkpointing=ckpt)

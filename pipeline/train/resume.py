@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, config_from_dict, flatten
+from pipeline.train.batch import plan_batch
 from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 
 # Keys that change where or how fast the run executes, never what it computes.
@@ -117,7 +118,7 @@ def plan_resume(
             refused.append((key, a, b))
     if refused:
         raise ResumeRefused(_refusal(refused))
-    was = old_cfg.batch_plan(saved_world_size)
+    was = plan_batch(old_cfg.train, saved_world_size)
     gb = _keep_global_batch(was.global_batch_size, cfg, saved_world_size, world_size)
     steps = (old_cfg.train.steps, cfg.train.steps)
     if steps[0] != steps[1]:
@@ -139,7 +140,7 @@ def _unchecked(cfg: Config, world_size: int) -> ResumePlan:
     )
     steps = (cfg.train.steps, cfg.train.steps)
     return ResumePlan(
-        global_batch_size=cfg.batch_plan(world_size).global_batch_size, steps=steps, safe=[], notes=[note]
+        global_batch_size=plan_batch(cfg.train, world_size).global_batch_size, steps=steps, safe=[], notes=[note]
     )
 
 

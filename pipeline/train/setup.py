@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import BatchPlan, Config, config_to_dict, flatten, save_config
+from pipeline.config import Config, config_to_dict, flatten, save_config
 from pipeline.data import TrainLoader, ValLoader, build_loader, build_val_loader, check_classes, read_index
 from pipeline.durable import atomic_write
 from pipeline.logs import setup_logging
@@ -31,6 +31,7 @@ from pipeline.tracking import Tracker, experiment_for, open_tracker, run_name_fo
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
+from pipeline.train.batch import BatchPlan, plan_batch
 from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 from pipeline.train.dist_env import DistEnv
 from pipeline.train.lease import RunDirBusy
@@ -150,13 +151,18 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
     info = _resume_info(cfg, env, run_dir)
     resume = _plan_resume(cfg, env, info)
-    plan = cfg.batch_plan(env.world_size)
+    plan = plan_batch(cfg.train, env.world_size)
     _seed_all(cfg.train.seed)  # identical initial weights on every rank
     model = _build_model(cfg, stage, fresh=info is None)
     groups = stage.param_groups(model)
     universal = info is not None and needs_universal(info, env.world_size)
     load_tag = _prepare_universal(info, env) if universal else (info.tag if info else None)
-    engine = ds.initialize(model, groups, ds.ds_config(cfg, plan, device, load_universal=universal), device)
+    engine = ds.initialize(
+        model,
+        groups,
+        ds.ds_config(train=cfg.train, optim=cfg.optim, plan=plan, device=device, load_universal=universal),
+        device,
+    )
     if info is not None:
         ds.load(engine, ckpt.checkpoints_dir(run_dir), load_tag)
         if universal:
@@ -299,7 +305,7 @@ def _loaders(cfg: Config, env: DistEnv, plan: BatchPlan, device: ds.Device) -> t
     )  # fmt: skip
     val = build_val_loader(
         cfg.data, rank=env.rank, world_size=env.world_size,
-        batch_size=cfg.data.val_batch_size or plan.micro_batch_size, image_size=image_size,
+        batch_size=plan.micro_batch_size, image_size=image_size,  # data.val_batch_size wins when set
     )  # fmt: skip
     return train, val
 
