@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from pipeline.artifacts.checkpoints import CheckpointError, read_torch
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.train.batch import BatchPlan
-from pipeline.train.checkpoint import CheckpointError, read_torch
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine as Engine  # for annotations; deepspeed loads on first use

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts.checkpoints import CheckpointError, ResumeInfo
 from pipeline.config import Config, config_from_dict, flatten
 from pipeline.train.batch import plan_batch
-from pipeline.train.checkpoint import CheckpointError, ResumeInfo
 
 # Keys that change where or how fast the run executes, never what it computes.
 _SAFE_PREFIXES = ("tracking.", "launch.")

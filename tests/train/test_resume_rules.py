@@ -93,7 +93,8 @@ def _saved_run(run_dir, *, zero_stage: int):
     """A committed checkpoint of 2 ranks at step 10 (bookkeeping files only: nothing is loaded here)."""
     import json
 
-    from pipeline.train.checkpoint import commit, tag_for
+    from pipeline.artifacts.checkpoints import tag_for
+    from pipeline.train.checkpoint import commit
 
     tag_dir = run_dir / "checkpoints" / tag_for(10)
     tag_dir.mkdir(parents=True)
@@ -130,7 +131,7 @@ def test_the_launcher_announces_what_the_ranks_do_at_another_world_size(
 
 def test_resume_require_without_a_checkpoint_names_the_fix_in_the_callers_terms(tmp_path) -> None:
     from launch.checks import Refused, check_resume
-    from pipeline.train.checkpoint import CheckpointError
+    from pipeline.artifacts.checkpoints import CheckpointError
     from pipeline.train.dist_env import DistEnv
     from pipeline.train.setup import _resume_info
 
