@@ -125,9 +125,9 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
     from pipeline.artifacts.checkpoints import verify
     from pipeline.config import load_config
     from pipeline.train.dist_env import detect
+    from pipeline.train.lifecycle import build_run
     from pipeline.train.loop import _step
     from pipeline.train.saving import save_checkpoint
-    from pipeline.train.setup import build_run
     from pipeline.train.stage import pretraining
 
     cfg = load_config(None, [

@@ -35,7 +35,7 @@ LAYER = {
 
 
 def package_of(module: str) -> str:
-    """``pipeline.train.setup`` -> ``pipeline.train``; ``pipeline.train.__main__`` -> ENTRY."""
+    """``pipeline.train.lifecycle`` -> ``pipeline.train``; ``pipeline.train.__main__`` -> ENTRY."""
     if module.endswith(".__main__"):
         return "ENTRY"
     parts = module.split(".")

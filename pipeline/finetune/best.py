@@ -11,7 +11,7 @@ import logging
 from pipeline.config import config_to_dict
 from pipeline.train import engine as ds
 from pipeline.train.export import write_export
-from pipeline.train.setup import Run
+from pipeline.train.lifecycle import Run
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pipeline.finetune.backbone import InitReport, freeze, init_from_pretrained,
 from pipeline.finetune.best import export_best
 from pipeline.model import ViT
 from pipeline.tracking import pretrain_tags
-from pipeline.train.setup import Run
+from pipeline.train.lifecycle import Run
 from pipeline.train.stage import Classification
 
 

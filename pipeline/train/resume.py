@@ -2,7 +2,7 @@
 (and said) or refused (naming the key, both values and the fix). Nothing is ignored silently.
 
 One rule, :func:`plan_resume`, called by the launcher before anything is queued
-(launch/checks.py) and by every rank before its first step (pipeline/train/setup.py). It reads
+(launch/checks.py) and by every rank before its first step (pipeline/train/lifecycle.py). It reads
 only configs: no torch, so the launcher stays light. The same two callers share
 :func:`require_checkpoint` (``checkpoint.resume=require`` with nothing to resume) and
 :func:`needs_universal` / :func:`world_size_change` (what a resume at another world size does), so

@@ -24,7 +24,7 @@ from pipeline.train import engine as ds
 from pipeline.train import rng
 
 if TYPE_CHECKING:
-    from pipeline.train.setup import Run
+    from pipeline.train.lifecycle import Run
 
 log = logging.getLogger(__name__)
 

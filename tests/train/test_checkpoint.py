@@ -116,7 +116,7 @@ def test_resolve_checkpoint_accepts_run_dir_checkpoints_dir_or_tag(tmp_path: Pat
 def test_checkpoint_of_another_model_or_stage_is_refused_before_training(tmp_path: Path) -> None:
     from pipeline.config import config_to_dict, load_config
     from pipeline.train.dist_env import DistEnv
-    from pipeline.train.setup import _resume_info
+    from pipeline.train.lifecycle import _resume_info
 
     saved = load_config(None, ["model.dim=96", "model.depth=6"])
     tag_dir = make(tmp_path, 10)

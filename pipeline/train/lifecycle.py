@@ -1,4 +1,5 @@
-"""Everything around the loop: build a run (fresh or resumed), and finish it.
+"""A run's lifecycle around the loop: the ``Run`` (its parts and progress), building it fresh or
+resumed, and finishing it (final export, lease, tracker, process group). Saving is saving.py.
 
 A resumed run is rebuilt from the newest complete checkpoint of ``train.run_dir``: weights and
 optimizer (DeepSpeed), step and samples seen, the data position (exact resume), every rank's RNG
