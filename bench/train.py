@@ -121,12 +121,13 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
 
     import torch.distributed as dist
 
+    from pipeline.artifacts import checkpoints as ckpt
+    from pipeline.artifacts.checkpoints import verify
     from pipeline.config import load_config
-    from pipeline.train import checkpoint as ckpt
-    from pipeline.train.checkpoint import verify
     from pipeline.train.dist_env import detect
+    from pipeline.train.lifecycle import build_run
     from pipeline.train.loop import _step
-    from pipeline.train.setup import build_run, save_checkpoint
+    from pipeline.train.saving import save_checkpoint
     from pipeline.train.stage import pretraining
 
     cfg = load_config(None, [
@@ -165,7 +166,7 @@ def _bench_verify(r: Any, tag_dir: Path) -> None:
 
     import torch.distributed as dist
 
-    from pipeline.train import checkpoint as ckpt
+    from pipeline.artifacts import checkpoints as ckpt
     from pipeline.train import engine as ds
 
     os.sync()

@@ -25,7 +25,7 @@ def check_data(cfg: Config) -> str:
     from pipeline.data import PreflightError, preflight
 
     ranks, workers = cfg.launch.world_size, cfg.data.num_workers
-    batch = cfg.batch_plan(ranks).micro_batch_size
+    batch = cfg.train.micro_batch_size
     try:
         r = preflight(cfg.data.path, split=cfg.data.train_split, ranks=ranks, workers=workers, batch_size=batch)
     except PreflightError as e:
@@ -63,8 +63,8 @@ def check_run_dir(run_dir: Path) -> str:
 
 def check_resume(cfg: Config, run_dir: Path) -> str:
     """Whether the run dir holds a complete checkpoint to resume (a run dir with only broken ones is refused)."""
+    from pipeline.artifacts.checkpoints import CheckpointError, check_fits, inspect_run_dir, read_state
     from pipeline.config import config_to_dict
-    from pipeline.train.checkpoint import CheckpointError, check_fits, inspect_run_dir, read_state
     from pipeline.train.resume import plan_resume, require_checkpoint, world_size_change
 
     try:

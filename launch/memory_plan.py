@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pipeline.config import Config, ModelConfig
 from pipeline.model.presets import pair
 from pipeline.model.vit import RECOMPUTE_MODES, Recompute
+from pipeline.train.batch import plan_batch
 
 GiB = 1024**3
 # (16-bit or fp32 parameters, gradients, optimizer states) bytes per parameter
@@ -184,7 +185,7 @@ def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
         )
         for stage in range(4)
     )
-    micro = cfg.batch_plan(world).micro_batch_size
+    micro = plan_batch(cfg.train, world).micro_batch_size  # refuses arithmetic that does not fit `world`
 
     by_mode = {
         mode: activation_bytes(model, micro_batch=micro, precision=t.precision, recompute=mode,

@@ -61,7 +61,7 @@ def job_states(data: dict[str, Any]) -> dict[str, str]:
 
 
 def _last_checkpoint(run_dir: Path) -> str:
-    from pipeline.train.checkpoint import CheckpointError, inspect_run_dir
+    from pipeline.artifacts.checkpoints import CheckpointError, inspect_run_dir
 
     try:
         info = inspect_run_dir(run_dir)

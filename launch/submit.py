@@ -41,7 +41,7 @@ from launch.executor import (  # noqa: E402
     submitit_folder,
 )
 from launch.memory_plan import format_plan, memory_plan  # noqa: E402
-from pipeline.config import Config, ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
+from pipeline.config import Config, ConfigError, dump_config, load_config  # noqa: E402
 from pipeline.tracking.server import read_server_url  # noqa: E402
 from pipeline.train import lease  # noqa: E402
 
@@ -121,25 +121,21 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Config file + dotted overrides + flags (flags win); run dir and data path made absolute."""
+    """Config file + dotted overrides + flags (flags win), every path absolute, validated once.
+
+    Ranks may start in another working directory (sbatch --chdir, containers): absolute paths.
+    """
     try:
         flags = _flag_overrides(args)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    cfg = load_config(args.config, [*args.overrides, *flags])
-    if args.run_dir is None and cfg.train.run_dir == TrainConfig.run_dir:
-        cfg.train.run_dir = f"runs/{cfg.name}"
-    # Ranks may start in another working directory (sbatch --chdir, containers): absolute paths.
-    cfg.train.run_dir = str(Path(cfg.train.run_dir).expanduser().absolute())
-    cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
-    if cfg.launch.container:
-        cfg.launch.container = str(Path(cfg.launch.container).expanduser().absolute())
-    if cfg.finetune.init_from:
-        cfg.finetune.init_from = str(Path(cfg.finetune.init_from).expanduser().absolute())
-    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+    defaults: dict[str, str] = {}
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
         # A server started with launch/mlflow_server.py left its URL for the jobs to use.
-        cfg.tracking.uri = read_server_url() or ""
-    return cfg
+        url = read_server_url()
+        if url:
+            defaults["tracking.uri"] = url
+    return load_config(args.config, [*args.overrides, *flags], defaults=defaults, absolute_paths=True)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ LAYER = {
     "pipeline.proc": 0,
     "pipeline.logs": 0,
     "pipeline.metric_names": 0,  # the table of metric names: the loader and the engine both log them
+    "pipeline.artifacts": 0,  # checkpoint and export readers: the engine, the stages and the launcher read them
     "pipeline.data": 1,
     "pipeline.tracking": 1,
     "pipeline.train": 2,
@@ -34,7 +35,7 @@ LAYER = {
 
 
 def package_of(module: str) -> str:
-    """``pipeline.train.setup`` -> ``pipeline.train``; ``pipeline.train.__main__`` -> ENTRY."""
+    """``pipeline.train.lifecycle`` -> ``pipeline.train``; ``pipeline.train.__main__`` -> ENTRY."""
     if module.endswith(".__main__"):
         return "ENTRY"
     parts = module.split(".")

@@ -10,7 +10,6 @@ from pipeline.config.loader import (
     save_config,
 )
 from pipeline.config.schema import (
-    BatchPlan,
     CheckpointConfig,
     Config,
     ConfigError,
@@ -27,7 +26,6 @@ from pipeline.config.schema import (
 )
 
 __all__ = [
-    "BatchPlan",
     "CheckpointConfig",
     "Config",
     "ConfigError",

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from pipeline.config.schema import Config, ConfigError, redact_text
+from pipeline.config.schema import Config, ConfigError, data_path_problem, default_run_dir, redact_text
 from pipeline.durable import atomic_write
 from pipeline.model.presets import PRESET_NAMES, preset_kwargs
 
@@ -184,7 +184,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
                 f"{source}: '{'.'.join(parts[: i + 1])}' is a value, not a section; cannot set '{dotted}'"
             )
         cls = hints[part]
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the file (`train:`)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: config key '{'.'.join(parts[: i + 1])}' must be a mapping")
 
@@ -222,11 +224,24 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Load ``path`` (None: the embedded defaults), apply dotted ``overrides``, validate all.
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Iterable[str] = (),
+    *,
+    defaults: typing.Mapping[str, Any] | None = None,
+    absolute_paths: bool = False,
+) -> Config:
+    """Load ``path`` (None: the embedded defaults), apply dotted ``overrides``, validate all once.
 
-    The config's ``name`` defaults to the file's stem and ``tracking.experiment`` to the file's
-    folder (``configs/pretrain/x.yaml`` -> experiment "pretrain"), so runs group by family.
+    Every default and path is resolved on the raw tree first, so the config is built (and
+    validated) once and never edited afterwards:
+
+    - ``name`` defaults to the file's stem and ``tracking.experiment`` to the file's folder
+      (``configs/pretrain/x.yaml`` -> experiment "pretrain"), so runs group by family;
+    - ``defaults`` (dotted key -> value) fill keys that neither the file nor an override sets
+      (the launcher's tracking server URL);
+    - ``absolute_paths``: the run dir, data path, container and fine-tune source become absolute
+      (the launcher's ranks may start in another working directory).
     """
     tree: dict = {}
     source = "<defaults>"
@@ -234,17 +249,66 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         path = Path(path)
         tree = _read_yaml(path)
         source = str(path)
-        tree.setdefault("name", path.stem)
-        if path.parent.name and path.parent.name != "configs":
-            tracking = tree.setdefault("tracking", {})
-            if isinstance(tracking, dict):
-                tracking.setdefault("experiment", path.parent.name)
+        _file_defaults(tree, path)
     overrides = list(overrides)
     origins = apply_overrides(tree, overrides)
     if overrides:
         source += f" with overrides {redact_text(' '.join(overrides))}"
+    for dotted, value in (defaults or {}).items():
+        if _get_dotted(tree, dotted) in (None, ""):
+            _set_dotted(tree, dotted, value, "<launcher defaults>")
     _expand_preset(tree, source)
+    if absolute_paths:
+        _absolute_paths(tree)
     return _build(Config, tree, "", source, origins)
+
+
+def _file_defaults(tree: dict, path: Path) -> None:
+    """The defaults a config file's place implies: its name (the stem) and experiment (the folder)."""
+    tree.setdefault("name", path.stem)
+    if path.parent.name and path.parent.name != "configs":
+        tracking = tree.setdefault("tracking", {})
+        if isinstance(tracking, dict):
+            tracking.setdefault("experiment", path.parent.name)
+
+
+# Paths a rank opens: absolute for the launcher (its ranks may start in another working directory).
+PATH_KEYS = ("train.run_dir", "data.path", "launch.container", "finetune.init_from")
+
+
+def _absolute_paths(tree: dict) -> None:
+    """Make every path key absolute on the raw tree (unset keys: their default; the run dir's is
+    derived from the name). A data.path validation will refuse (a URL, a pattern) stays as written,
+    so the refusal quotes what the user wrote."""
+    for dotted in PATH_KEYS:
+        value = _get_dotted(tree, dotted)
+        if value is None:
+            value = _schema_default(dotted)
+        if dotted == "train.run_dir" and not value:
+            name = tree.get("name", Config.name)
+            value = default_run_dir(name) if isinstance(name, str) else ""
+        if not isinstance(value, str) or not value:
+            continue  # a wrong type is reported by the build
+        if dotted == "data.path" and data_path_problem(value):
+            continue
+        _set_dotted(tree, dotted, str(Path(value).expanduser().absolute()), "<absolute paths>")
+
+
+def _get_dotted(tree: dict, dotted: str) -> Any:
+    """The raw value at ``dotted``, or None when it (or a section above it) is not set."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _schema_default(dotted: str) -> Any:
+    section, _, key = dotted.rpartition(".")
+    cls = _section_class(section)
+    assert cls is not None, f"{section} is not a config section"
+    return getattr(cls(), key)
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:

@@ -205,7 +205,7 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch arithmetic, precision and ZeRO settings of the training loop."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = ""  # "": runs/<name> (see default_run_dir)
     steps: int = 200  # optimizer steps at the configured global batch
     micro_batch_size: int = 32  # per rank, per forward pass
     grad_accum: int = 0  # 0: derived from global_batch_size (or 1)
@@ -243,6 +243,32 @@ class TrainConfig:
         _require(self.log_every > 0, "train.log_every must be > 0")
         _require(self.eval_every >= 0, "train.eval_every must be >= 0")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro batches per optimizer step at ``world_size`` ranks (pipeline/train/batch.py plans with it).
+
+        global batch = micro batch x accumulation x world size. A fixed global batch with a
+        derived accumulation (grad_accum=0) keeps the recipe when the node count changes; the
+        config keeps the user's 0s so it stays valid at any node count.
+        """
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size and self.grad_accum:
+            _require(
+                self.global_batch_size == per_pass * self.grad_accum,
+                f"train.global_batch_size={self.global_batch_size} != train.micro_batch_size="
+                f"{self.micro_batch_size} x train.grad_accum={self.grad_accum} x world size={world_size} "
+                f"(= {per_pass * self.grad_accum}); set train.grad_accum=0 to derive it",
+            )
+            return self.grad_accum
+        if self.global_batch_size:
+            _require(
+                self.global_batch_size % per_pass == 0,
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size} x world size={world_size} (= {per_pass}); "
+                f"change the global or micro batch, or the number of nodes",
+            )
+            return self.global_batch_size // per_pass
+        return self.grad_accum or 1
 
 
 @dataclass
@@ -385,12 +411,9 @@ class FinetuneConfig:
         )
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    micro_batch_size: int  # per rank, per forward pass
-    grad_accum: int
-    global_batch_size: int  # samples per optimizer step, all ranks
-    world_size: int
+def default_run_dir(name: str) -> str:
+    """Where a run lives when train.run_dir is not set: ``runs/<config name>``."""
+    return f"runs/{name}"
 
 
 @dataclass
@@ -406,48 +429,34 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
-        self.batch_plan(self.launch.world_size)  # refuse bad batch arithmetic at load time
+        self.train.grad_accum_for(self.launch.world_size)  # refuse bad batch arithmetic at load time
+        if not self.train.run_dir:
+            self.train.run_dir = default_run_dir(self.name)
         if self.finetune.enabled:
-            # The new head replaces the pretraining one: one source of truth for its size.
-            self.model.num_classes = self.finetune.num_classes
+            self._head_follows_finetune()
         _require(
             self.finetune.freeze_blocks <= self.model.depth,
             f"finetune.freeze_blocks={self.finetune.freeze_blocks} exceeds model.depth={self.model.depth}",
         )
 
+    def _head_follows_finetune(self) -> None:
+        """The new head replaces the pretraining one: finetune.num_classes is its one source of truth.
+
+        model.num_classes left at its default takes the value; set to anything else it is a conflict,
+        refused rather than silently overwritten (which of the two did the user mean?).
+        """
+        want, have = self.finetune.num_classes, self.model.num_classes
+        _require(
+            have in (want, ModelConfig.num_classes),
+            f"model.num_classes={have} conflicts with finetune.num_classes={want}: fine-tuning replaces the head, "
+            f"whose size is finetune.num_classes; drop model.num_classes from the config (or set it to {want})",
+        )
+        self.model.num_classes = want
+
     @property
     def head_key(self) -> str:
         """The key that sets the classifier's outputs (model.num_classes follows it when fine-tuning)."""
         return "finetune.num_classes" if self.finetune.enabled else "model.num_classes"
-
-    def batch_plan(self, world_size: int) -> BatchPlan:
-        """Micro batch, accumulation and global batch for ``world_size`` ranks.
-
-        global batch = micro batch x accumulation x world size. A fixed global batch with a
-        derived accumulation (grad_accum=0) keeps the recipe when the node count changes; the
-        config keeps the user's 0s so it stays valid at any node count.
-        """
-        t = self.train
-        per_pass = t.micro_batch_size * world_size
-        if t.global_batch_size and t.grad_accum:
-            _require(
-                t.global_batch_size == per_pass * t.grad_accum,
-                f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size="
-                f"{t.micro_batch_size} x train.grad_accum={t.grad_accum} x world size={world_size} "
-                f"(= {per_pass * t.grad_accum}); set train.grad_accum=0 to derive it",
-            )
-            accum = t.grad_accum
-        elif t.global_batch_size:
-            _require(
-                t.global_batch_size % per_pass == 0,
-                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={t.micro_batch_size} x world size={world_size} (= {per_pass}); "
-                f"change the global or micro batch, or the number of nodes",
-            )
-            accum = t.global_batch_size // per_pass
-        else:
-            accum = t.grad_accum or 1
-        return BatchPlan(t.micro_batch_size, accum, per_pass * accum, world_size)
 
     @property
     def world_size(self) -> int:

@@ -1,6 +1,6 @@
 """The training engine: `python -m pipeline.train --config C [a.b=v ...]`, once per rank.
 
-Names load on first use, so the launcher's checks (``pipeline.train.checkpoint``,
+Names load on first use, so the launcher's checks (``pipeline.train.resume``,
 ``pipeline.train.dist_env``) run without importing torch and DeepSpeed.
 """
 

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from pipeline.config import BatchPlan, Config
-from pipeline.train.checkpoint import CheckpointError, read_torch
+from pipeline.artifacts.checkpoints import CheckpointError, read_torch
+from pipeline.config import OptimConfig, TrainConfig
+from pipeline.train.batch import BatchPlan
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine as Engine  # for annotations; deepspeed loads on first use
@@ -50,9 +51,11 @@ def init_distributed(device: Device, timeout_s: float = 1800.0) -> None:
         )
 
 
-def ds_config(cfg: Config, plan: BatchPlan, device: Device, *, load_universal: bool = False) -> dict:
-    """DeepSpeed's config dict, derived from our typed config (never written by hand)."""
-    t = cfg.train
+def ds_config(
+    *, train: TrainConfig, optim: OptimConfig, plan: BatchPlan, device: Device, load_universal: bool = False
+) -> dict:
+    """DeepSpeed's config dict, derived from our typed config slices (never written by hand)."""
+    t = train
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
@@ -60,7 +63,7 @@ def ds_config(cfg: Config, plan: BatchPlan, device: Device, *, load_universal: b
         zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
     if t.zero_stage >= 2:
         zero["overlap_comm"] = device == "cuda"
-    o = cfg.optim
+    o = optim
     adam: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if device == "cpu" and not t.offload_optimizer:
         adam["torch_adam"] = True  # FusedAdam is GPU-only
@@ -69,7 +72,7 @@ def ds_config(cfg: Config, plan: BatchPlan, device: Device, *, load_universal: b
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.global_batch_size,
         # plain stage-0 fp32 clips in guard_nonfinite_grads, where a non-finite step is also skipped
-        "gradient_clipping": 0.0 if _plain_fp32(cfg) else o.grad_clip,
+        "gradient_clipping": 0.0 if _plain_fp32(t) else o.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": adam},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -103,8 +106,8 @@ def grad_norm(engine: Engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-def _plain_fp32(cfg: Config) -> bool:
-    return cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
+def _plain_fp32(train: TrainConfig) -> bool:
+    return train.zero_stage == 0 and train.precision == "fp32"
 
 
 def guard_nonfinite_grads(engine: Engine, max_norm: float) -> bool:

@@ -8,7 +8,7 @@ So an export folder is a timm model folder: ``timm.create_model("local-dir:OUT",
 rebuilds the model with its preprocessing, and timm's other path (its own model, this file as
 ``pretrained_cfg_overlay=dict(file=...)``) loads the same weights; our layout stored there used to
 load through it silently wrong (timm reshapes a 2-D patch projection as (c, p1, p2), ours is
-(p1, p2, c)). :func:`load_export` gives our layout back whichever is stored. Exports can also be
+(p1, p2, c)). ``pipeline.artifacts.exports.load_export`` gives our layout back whichever is stored. Exports can also be
 made from any complete sharded checkpoint after the fact (``python -m pipeline.train.export
 RUN_OR_CHECKPOINT OUT``). Files are readable by group and others (the umask permitting), like the
 rest of a run dir: teammates load each other's models.
@@ -23,21 +23,18 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from pipeline.artifacts.checkpoints import ResumeInfo, read_state, resolve_checkpoint
+from pipeline.artifacts.exports import META, TIMM_CONFIG, WEIGHTS
 from pipeline.config import DataConfig
 from pipeline.data.index import read_index
 from pipeline.durable import atomic_write, atomic_write_via
-from pipeline.model.convert import OUR_LAYOUT_MARKER, LayoutError, timm_model_args, to_ours, to_timm
+from pipeline.model.convert import OUR_LAYOUT_MARKER, LayoutError, timm_model_args, to_timm
 from pipeline.model.presets import pair
 from pipeline.train import engine as ds
-from pipeline.train.checkpoint import ResumeInfo, read_state, resolve_checkpoint
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = "model.safetensors"
-META = "model.json"
-TIMM_CONFIG = "config.json"
 
 
 def export_checkpoint(info: ResumeInfo | None, out_dir: Path, run_id: str | None = None) -> Path:
@@ -145,17 +142,6 @@ def _label_names(data: dict, num_classes: int) -> list[str]:
     except Exception:  # moved, unmounted, or no data config: the names are optional
         return []
     return classes if len(classes) == num_classes else []
-
-
-def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, metadata) of an export directory or its model.safetensors file."""
-    path = Path(path)
-    out_dir = path.parent if path.is_file() else path
-    weights = out_dir / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{out_dir} has no {WEIGHTS}; expected an export written by pipeline.train.export")
-    meta = json.loads((out_dir / META).read_text()) if (out_dir / META).exists() else {}
-    return to_ours(load_file(str(weights))), meta  # either layout (an export from before the timm layout too)
 
 
 def main(argv: list[str] | None = None) -> None:

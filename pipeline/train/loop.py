@@ -18,17 +18,18 @@ import torch
 import torch.distributed as dist
 
 from pipeline import metric_names as mn
+from pipeline.artifacts import checkpoints as ckpt
 from pipeline.config import Config
 from pipeline.data import DataError
-from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
 from pipeline.train import preemption, space
 from pipeline.train.dist_env import detect
+from pipeline.train.lifecycle import Run, build_run, finish_run, resume_candidate
 from pipeline.train.metrics import Window, mfu
 from pipeline.train.metrics_log import MetricsLog
 from pipeline.train.recipe import set_lr
-from pipeline.train.setup import Run, build_run, finish_run, resume_candidate, save_checkpoint
+from pipeline.train.saving import save_checkpoint
 from pipeline.train.stage import Stage, pretraining
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 (and said) or refused (naming the key, both values and the fix). Nothing is ignored silently.
 
 One rule, :func:`plan_resume`, called by the launcher before anything is queued
-(launch/checks.py) and by every rank before its first step (pipeline/train/setup.py). It reads
+(launch/checks.py) and by every rank before its first step (pipeline/train/lifecycle.py). It reads
 only configs: no torch, so the launcher stays light. The same two callers share
 :func:`require_checkpoint` (``checkpoint.resume=require`` with nothing to resume) and
 :func:`needs_universal` / :func:`world_size_change` (what a resume at another world size does), so
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts.checkpoints import CheckpointError, ResumeInfo
 from pipeline.config import Config, config_from_dict, flatten
-from pipeline.train.checkpoint import CheckpointError, ResumeInfo
+from pipeline.train.batch import plan_batch
 
 # Keys that change where or how fast the run executes, never what it computes.
 _SAFE_PREFIXES = ("tracking.", "launch.")
@@ -118,7 +119,7 @@ def plan_resume(
             refused.append((key, a, b))
     if refused:
         raise ResumeRefused(_refusal(refused))
-    was = old_cfg.batch_plan(saved_world_size)
+    was = plan_batch(old_cfg.train, saved_world_size)
     gb = _keep_global_batch(was.global_batch_size, cfg, saved_world_size, world_size)
     steps = (old_cfg.train.steps, cfg.train.steps)
     if steps[0] != steps[1]:
@@ -140,7 +141,7 @@ def _unchecked(cfg: Config, world_size: int) -> ResumePlan:
     )
     steps = (cfg.train.steps, cfg.train.steps)
     return ResumePlan(
-        global_batch_size=cfg.batch_plan(world_size).global_batch_size, steps=steps, safe=[], notes=[note]
+        global_batch_size=plan_batch(cfg.train, world_size).global_batch_size, steps=steps, safe=[], notes=[note]
     )
 
 

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.train.checkpoint import MARKER, CheckpointError
+from pipeline.artifacts.checkpoints import MARKER, CheckpointError
 
 # ZeRO checkpoint bytes per parameter besides the weights: the fp32 master copy and AdamW's two
 # moments (12 bytes, "ZeRO", Rajbhandari et al. 2020, section 3.1), written once over all ranks.

@@ -1,6 +1,6 @@
 """The seam between the engine and a training stage (pretraining, fine-tuning, new objectives).
 
-The engine (setup.py, loop.py) owns the ranks, DeepSpeed, data, checkpoints and tracking. A stage
+The engine (lifecycle.py, loop.py) owns the ranks, DeepSpeed, data, checkpoints and tracking. A stage
 owns what makes its objective: the model's initial weights, the optimizer's parameter groups, the
 loss of a batch, what follows an evaluation and the run's extra tags. The engine never imports a
 stage; the entry point picks one (``pipeline.stages.stage_for``) and hands it to ``run``.
@@ -19,7 +19,7 @@ from pipeline.model import ViT
 from pipeline.train.recipe import param_groups
 
 if TYPE_CHECKING:
-    from pipeline.train.setup import Run
+    from pipeline.train.lifecycle import Run
 
 
 class Stage(Protocol):

@@ -16,6 +16,7 @@ from pipeline.config import (
     load_config,
     save_config,
 )
+from pipeline.train.batch import plan_batch
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
@@ -31,7 +32,7 @@ def test_defaults_are_the_local_job() -> None:
     cfg = load_config()
     assert cfg == Config()
     assert cfg.launch.world_size == 2 and cfg.train.device == "auto"
-    plan = cfg.batch_plan(cfg.world_size)
+    plan = plan_batch(cfg.train, cfg.world_size)
     assert (plan.micro_batch_size, plan.grad_accum, plan.global_batch_size) == (32, 1, 64)
 
 
@@ -47,8 +48,8 @@ def test_shipped_configs_load_and_round_trip(path: Path, tmp_path: Path) -> None
 def test_pretrain_b16_batch_arithmetic() -> None:
     cfg = load_config(REPO / "configs/pretrain/vit_b16.yaml")
     assert (cfg.model.dim, cfg.model.depth, cfg.model.heads, cfg.model.mlp_dim) == (768, 12, 12, 3072)
-    assert cfg.batch_plan(64).grad_accum == 1  # 64 per GPU x 8 GPUs x 8 nodes = 4096
-    assert cfg.batch_plan(32).grad_accum == 2  # the same recipe on 4 nodes
+    assert plan_batch(cfg.train, 64).grad_accum == 1  # 64 per GPU x 8 GPUs x 8 nodes = 4096
+    assert plan_batch(cfg.train, 32).grad_accum == 2  # the same recipe on 4 nodes
     assert cfg.tracking.experiment == "pretrain" and cfg.name == "vit_b16"
 
 
@@ -96,6 +97,11 @@ def test_only_differences_are_written() -> None:
         ("train:\n  global_batch_size: 100\n", [], r"global_batch_size=100 is not a multiple of .* \(= 64\)"),
         ("train:\n  global_batch_size: 128\n  grad_accum: 3\n", [], r"global_batch_size=128 != .*grad_accum=3"),
         ("finetune:\n  init_from: runs/x\n", [], r"finetune\.num_classes is missing"),
+        (
+            "finetune:\n  init_from: runs/x\n  num_classes: 5\nmodel:\n  num_classes: 7\n",
+            [],
+            r"model\.num_classes=7 conflicts with finetune\.num_classes=5.*drop model\.num_classes",
+        ),
         ("data:\n  mean: [0.5, 0.5]\n", [], r"'data\.mean' expects 3 values"),
         ("- a\n- b\n", [], r"top level must be a mapping"),
         ("", ["optim.lr"], r"not of the form section\.key=value"),
@@ -131,3 +137,36 @@ def test_recompute_modes_and_the_older_checkpointing_switch() -> None:
         load_config(None, ["model.grad_checkpointing=true", "model.recompute=selective"])
     with pytest.raises(ConfigError, match=r"model\.recompute='some'; use one of none, full, selective, every_k"):
         ModelConfig(recompute="some")  # type: ignore[arg-type]
+
+
+def test_finetune_head_fills_an_unset_model_num_classes(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "finetune:\n  init_from: runs/x\n  num_classes: 5\n"))
+    assert cfg.model.num_classes == 5 and cfg.head_key == "finetune.num_classes"
+    same = load_config(write(tmp_path, "finetune:\n  init_from: runs/x\n  num_classes: 5\nmodel:\n  num_classes: 5\n"))
+    assert same == cfg
+
+
+def test_run_dir_defaults_to_the_config_name(tmp_path: Path) -> None:
+    assert Config().train.run_dir == "runs/default"
+    assert load_config(write(tmp_path, "", name="vit_x.yaml")).train.run_dir == "runs/vit_x"
+    assert load_config(write(tmp_path, "train:\n  run_dir: elsewhere\n")).train.run_dir == "elsewhere"
+
+
+def test_absolute_paths_and_defaults_are_resolved_before_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "train:\n", name="job.yaml")  # an empty section is a section
+    cfg = load_config(path, ["finetune.init_from=pre", "finetune.num_classes=3"], absolute_paths=True)
+    assert cfg.train.run_dir == str(tmp_path / "runs" / "job")
+    assert cfg.data.path == str(tmp_path / "runs" / "data" / "synthetic")
+    assert cfg.finetune.init_from == str(tmp_path / "pre") and cfg.launch.container == ""
+    # A URL stays as written, so the refusal quotes it.
+    with pytest.raises(ConfigError, match=r"data\.path 's3://b/x': the s3: scheme"):
+        load_config(path, ["data.path=s3://b/x"], absolute_paths=True)
+    # Defaults fill only what the file and the overrides leave unset, and are validated like them.
+    url = "http://127.0.0.1:5999"
+    assert load_config(path, defaults={"tracking.uri": url}).tracking.uri == url
+    assert load_config(path, ["tracking.uri=http://h:1"], defaults={"tracking.uri": url}).tracking.uri == "http://h:1"
+    with pytest.raises(ConfigError, match=r"tracking\.uri=.*has credentials in it"):
+        load_config(path, defaults={"tracking.uri": "http://u:pw@h:1"})

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.artifacts.exports import load_export
 from pipeline.config import load_config
 from pipeline.finetune import FinetuneError, init_from_pretrained
 from pipeline.model import ViT
 from pipeline.model.convert import to_timm
 from pipeline.tracking import find_run
-from pipeline.train.export import load_export
 from tests.train.conftest import REPO, assert_ok, metrics, train
 
 DIGITS = REPO / "configs" / "finetune" / "digits.yaml"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts.checkpoints import inspect_run_dir
 from pipeline.tracking import find_run
-from pipeline.train.checkpoint import inspect_run_dir
 from tests.launch.conftest import rank_results, run_launcher, smoke_args, submitted_job_id
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from launch.cluster import FINAL_STATES, job_state
+from pipeline.artifacts.checkpoints import inspect_run_dir
 from pipeline.tracking import find_run, metric_history
-from pipeline.train.checkpoint import inspect_run_dir
-from pipeline.train.setup import SAVE_PAUSE_ENV
+from pipeline.train.saving import SAVE_PAUSE_ENV
 from tests.launch.conftest import REPO, rank_results, run_launcher, smoke_args, submitted_job_id
 
 pytestmark = pytest.mark.slurm

@@ -152,7 +152,8 @@ def test_time_formats() -> None:
 
 
 def _fake_checkpoint(run_dir: Path, step: int, model: dict | None, complete: bool = True) -> None:
-    from pipeline.train.checkpoint import commit, tag_for
+    from pipeline.artifacts.checkpoints import tag_for
+    from pipeline.train.checkpoint import commit
 
     tag_dir = run_dir / "checkpoints" / tag_for(step)
     tag_dir.mkdir(parents=True)
@@ -190,8 +191,9 @@ def test_checkpoint_of_another_model_is_refused(
 
 @pytest.mark.timeout(60)
 def test_preflight_skips_a_checkpoint_with_a_garbage_trainer_state(tmp_path: Path, synthetic_shards: Path) -> None:
+    from pipeline.artifacts.checkpoints import checksum_files, tag_for
     from pipeline.config import config_to_dict
-    from pipeline.train.checkpoint import checksum_files, commit, tag_for
+    from pipeline.train.checkpoint import commit
 
     run_dir = tmp_path / "run"
     model = config_to_dict(load_config(REPO / "configs/smoke.yaml", ["model.num_classes=4"]).model)

@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.checkpoint import (
+from pipeline.artifacts.checkpoints import (
     CheckpointError,
     check_tag,
     checksum_files,
     checksum_share,
-    commit,
     inspect_run_dir,
-    prune,
     read_state,
     resolve_checkpoint,
     tag_for,
     verify,
 )
+from pipeline.train.checkpoint import commit, prune
 
 
 def make(run_dir: Path, step: int, *, complete: bool = True, files: dict[str, bytes] | None = None) -> Path:
@@ -117,7 +116,7 @@ def test_resolve_checkpoint_accepts_run_dir_checkpoints_dir_or_tag(tmp_path: Pat
 def test_checkpoint_of_another_model_or_stage_is_refused_before_training(tmp_path: Path) -> None:
     from pipeline.config import config_to_dict, load_config
     from pipeline.train.dist_env import DistEnv
-    from pipeline.train.setup import _resume_info
+    from pipeline.train.lifecycle import _resume_info
 
     saved = load_config(None, ["model.dim=96", "model.depth=6"])
     tag_dir = make(tmp_path, 10)
@@ -251,7 +250,7 @@ def test_old_checkpoint_without_checksums_loads_by_sizes_with_a_note(
 
 
 def test_reading_a_damaged_torch_file_names_it(tmp_path: Path) -> None:
-    from pipeline.train.checkpoint import read_torch
+    from pipeline.artifacts.checkpoints import read_torch
     from pipeline.train.engine import consolidated_state_dict
 
     rng = tmp_path / "rng_rank1.pt"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pipeline.config import load_config
+from pipeline.train.batch import plan_batch
 from pipeline.train.engine import ds_config
 
 
 def derive(*overrides: str, device: str = "cpu", world: int = 2) -> dict:
     cfg = load_config(None, list(overrides))
-    return ds_config(cfg, cfg.batch_plan(world), device)
+    return ds_config(train=cfg.train, optim=cfg.optim, plan=plan_batch(cfg.train, world), device=device)
 
 
 def test_batch_arithmetic_and_precision() -> None:
@@ -35,4 +36,6 @@ def test_plain_stage0_fp32_clips_in_our_guard() -> None:
 
 def test_universal_flag() -> None:
     cfg = load_config()
-    assert ds_config(cfg, cfg.batch_plan(1), "cpu", load_universal=True)["checkpoint"]["load_universal"] is True
+    plan = plan_batch(cfg.train, 1)
+    d = ds_config(train=cfg.train, optim=cfg.optim, plan=plan, device="cpu", load_universal=True)
+    assert d["checkpoint"]["load_universal"] is True

@@ -12,9 +12,10 @@ import pytest
 import timm
 import torch
 
+from pipeline.artifacts.exports import load_export
 from pipeline.config import ModelConfig
 from pipeline.model import ViT
-from pipeline.train.export import load_export, write_export
+from pipeline.train.export import write_export
 
 pytestmark = pytest.mark.timeout(120)
 

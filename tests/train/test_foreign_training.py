@@ -80,8 +80,8 @@ def assert_timm_loads(export: Path, names: list[str]) -> None:
 
     import timm
 
+    from pipeline.artifacts.exports import load_export
     from pipeline.model import ViT
-    from pipeline.train.export import load_export
 
     meta = json.loads((export / "model.json").read_text())
     cfg = {

@@ -93,7 +93,8 @@ def _saved_run(run_dir, *, zero_stage: int):
     """A committed checkpoint of 2 ranks at step 10 (bookkeeping files only: nothing is loaded here)."""
     import json
 
-    from pipeline.train.checkpoint import commit, tag_for
+    from pipeline.artifacts.checkpoints import tag_for
+    from pipeline.train.checkpoint import commit
 
     tag_dir = run_dir / "checkpoints" / tag_for(10)
     tag_dir.mkdir(parents=True)
@@ -112,8 +113,8 @@ def test_the_launcher_announces_what_the_ranks_do_at_another_world_size(
     stage 0 too, where the ranks load the checkpoint as saved."""
     from launch.checks import check_resume
     from pipeline.train.dist_env import DistEnv
+    from pipeline.train.lifecycle import _resume_info
     from pipeline.train.resume import needs_universal
-    from pipeline.train.setup import _resume_info
 
     _saved_run(tmp_path, zero_stage=zero_stage)
     one_rank = cfg(
@@ -130,9 +131,9 @@ def test_the_launcher_announces_what_the_ranks_do_at_another_world_size(
 
 def test_resume_require_without_a_checkpoint_names_the_fix_in_the_callers_terms(tmp_path) -> None:
     from launch.checks import Refused, check_resume
-    from pipeline.train.checkpoint import CheckpointError
+    from pipeline.artifacts.checkpoints import CheckpointError
     from pipeline.train.dist_env import DistEnv
-    from pipeline.train.setup import _resume_info
+    from pipeline.train.lifecycle import _resume_info
 
     required = cfg("checkpoint.resume=require", f"train.run_dir={tmp_path}")
     with pytest.raises(Refused, match=r"checkpoint\.resume=require but .* has no checkpoints; pass --run-dir of"):

@@ -10,7 +10,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data import MixupCutmix, soft_target_cross_entropy
 from pipeline.stages import stage_for
-from pipeline.train.setup import TrainerState
+from pipeline.train.lifecycle import TrainerState
 from pipeline.train.stage import Classification, pretraining
 
 # A trainer_state.json as the engine wrote it before TrainerState existed (a fine-tune run, with one

@@ -104,7 +104,7 @@ def test_resume_on_one_rank_goes_through_universal_checkpoint(
     assert_ok(proc)
     assert "converting to a universal checkpoint" in proc.stdout
     line = next(
-        ln for ln in proc.stdout.splitlines() if "I [rank 0] pipeline.train.setup: universal resume verified" in ln
+        ln for ln in proc.stdout.splitlines() if "I [rank 0] pipeline.train.lifecycle: universal resume verified" in ln
     )
     assert float(line.rsplit("= ", 1)[1].split()[0]) < 1e-6
     assert (run_dir / "checkpoints" / "step_00000010_universal").is_dir()

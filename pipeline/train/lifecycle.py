@@ -1,4 +1,5 @@
-"""Everything around the loop: build a run (fresh or resumed), save checkpoints, finish.
+"""A run's lifecycle around the loop: the ``Run`` (its parts and progress), building it fresh or
+resumed, and finishing it (final export, lease, tracker, process group). Saving is saving.py.
 
 A resumed run is rebuilt from the newest complete checkpoint of ``train.run_dir``: weights and
 optimizer (DeepSpeed), step and samples seen, the data position (exact resume), every rank's RNG
@@ -10,28 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import BatchPlan, Config, config_to_dict, flatten, save_config
+from pipeline.artifacts import checkpoints as stored
+from pipeline.artifacts.checkpoints import CheckpointError, ResumeInfo
+from pipeline.config import Config, config_to_dict, flatten, save_config
 from pipeline.data import TrainLoader, ValLoader, build_loader, build_val_loader, check_classes, read_index
-from pipeline.durable import atomic_write
 from pipeline.logs import setup_logging
 from pipeline.model import ViT, forward_macs
 from pipeline.tracking import Tracker, experiment_for, open_tracker, run_name_for, run_tags
-from pipeline.train import checkpoint as ckpt
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
-from pipeline.train.checkpoint import CheckpointError, ResumeInfo
+from pipeline.train import rng
+from pipeline.train.batch import BatchPlan, plan_batch
 from pipeline.train.dist_env import DistEnv
 from pipeline.train.lease import RunDirBusy
 from pipeline.train.metrics import device_peak_tflops
@@ -44,10 +41,6 @@ if TYPE_CHECKING:
     from pipeline.train.engine import Engine
 
 log = logging.getLogger(__name__)
-
-# Test hook, "SECONDS@STEP": the last rank sleeps that long between writing its shards of the
-# step-STEP checkpoint and the commit barrier, so a test can kill the job mid-checkpoint.
-SAVE_PAUSE_ENV = "PIPELINE_TEST_SAVE_PAUSE"
 
 
 @dataclass
@@ -123,12 +116,6 @@ def _dtype(precision: str, device: ds.Device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> Run:
     device = _device(cfg.train.device)
     dtype = _dtype(cfg.train.precision, device)
@@ -150,26 +137,31 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
     info = _resume_info(cfg, env, run_dir)
     resume = _plan_resume(cfg, env, info)
-    plan = cfg.batch_plan(env.world_size)
-    _seed_all(cfg.train.seed)  # identical initial weights on every rank
+    plan = plan_batch(cfg.train, env.world_size)
+    rng.seed_all(cfg.train.seed)  # identical initial weights on every rank
     model = _build_model(cfg, stage, fresh=info is None)
     groups = stage.param_groups(model)
     universal = info is not None and needs_universal(info, env.world_size)
     load_tag = _prepare_universal(info, env) if universal else (info.tag if info else None)
-    engine = ds.initialize(model, groups, ds.ds_config(cfg, plan, device, load_universal=universal), device)
+    engine = ds.initialize(
+        model,
+        groups,
+        ds.ds_config(train=cfg.train, optim=cfg.optim, plan=plan, device=device, load_universal=universal),
+        device,
+    )
     if info is not None:
-        ds.load(engine, ckpt.checkpoints_dir(run_dir), load_tag)
+        ds.load(engine, stored.checkpoints_dir(run_dir), load_tag)
         if universal:
             _verify_universal(engine, info, env, cfg.train.precision)
-        saved = ckpt.read_state(info.path)
+        saved = stored.read_state(info.path)
         state = TrainerState.from_dict(saved)
-        _restore_rng(info, env, cfg.train.seed, state.step)
+        rng.restore(info, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, step=state.step)
         state.schedule = _resumed_schedule(state, resume, plan)  # the next checkpoint carries the re-stretched curve
         log.info("resumed from %s (step %d, %d samples seen)", info.path, state.step, state.samples_seen)
     else:
         schedule = make_schedule(cfg.optim, steps=cfg.train.steps, global_batch_size=plan.global_batch_size)
         state = TrainerState(step=0, samples_seen=0, skipped_steps=0, schedule=schedule)
-        _seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams (dropout and mixing are keyed per step)
+        rng.seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams (dropout and mixing are keyed per step)
     train_loader, val_loader = _loaders(cfg, env, plan, device)
     if info is not None:
         train_loader.load_state_dict(_loader_state(info, env, saved))
@@ -205,7 +197,7 @@ def _resume_info(cfg: Config, env: DistEnv, run_dir: Path) -> ResumeInfo | None:
     require_checkpoint(info, cfg, run_dir)
     if info is None:
         return None
-    ckpt.check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
+    stored.check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
     change = world_size_change(info, env.world_size)
     if change:
         log.warning("%s", change)
@@ -220,7 +212,7 @@ def _plan_resume(cfg: Config, env: DistEnv, info: ResumeInfo | None) -> ResumePl
     """
     if info is None:
         return None
-    saved = ckpt.read_state(info.path).get("config")
+    saved = stored.read_state(info.path).get("config")
     resume = plan_resume(saved, cfg, saved_world_size=info.world_size, world_size=env.world_size, step=info.step)
     if env.rank == 0:
         for line in resume.safe:
@@ -245,7 +237,7 @@ def resume_candidate(run_dir: Path, env: DistEnv) -> ResumeInfo | None:
     Each rank checksums its own share of the files in parallel; the ranks unite their findings
     before choosing, so all of them load the same checkpoint (or all refuse).
     """
-    return ckpt.inspect_run_dir(
+    return stored.inspect_run_dir(
         run_dir, rank=env.rank, world_size=env.world_size, agree=ds.union_across_ranks, max_bytes=None
     )
 
@@ -299,17 +291,9 @@ def _loaders(cfg: Config, env: DistEnv, plan: BatchPlan, device: ds.Device) -> t
     )  # fmt: skip
     val = build_val_loader(
         cfg.data, rank=env.rank, world_size=env.world_size,
-        batch_size=cfg.data.val_batch_size or plan.micro_batch_size, image_size=image_size,
+        batch_size=plan.micro_batch_size, image_size=image_size,  # data.val_batch_size wins when set
     )  # fmt: skip
     return train, val
-
-
-def _rng_path(tag_dir: Path, rank: int) -> Path:
-    return tag_dir / f"rng_rank{rank}.pt"
-
-
-def _loader_path(tag_dir: Path, rank: int) -> Path:
-    return tag_dir / f"loader_rank{rank}.json"
 
 
 def _loader_state(info: ResumeInfo, env: DistEnv, saved: dict) -> dict:
@@ -318,31 +302,10 @@ def _loader_state(info: ResumeInfo, env: DistEnv, saved: dict) -> dict:
     Only rank 0 writes trainer_state.json; without its own file, rank r would restart its counts of
     skipped samples from 0 and data.max_skip_frac would be judged on part of the run.
     """
-    path = _loader_path(info.path, env.rank)
+    path = stored.loader_file(info.path, env.rank)
     if info.world_size == env.world_size and path.exists():
         return json.loads(path.read_text())
     return saved["loader"]
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _restore_rng(info: ResumeInfo, env: DistEnv, seed: int, step: int) -> None:
-    path = _rng_path(info.path, env.rank)
-    if info.world_size != env.world_size or not path.exists():
-        # Another world size: rank r's stream has no counterpart; derive a fresh, reproducible one.
-        _seed_all(seed + 1000 * env.rank + step)
-        return
-    state = ckpt.read_torch(path)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _tracker(
@@ -377,50 +340,6 @@ def _tracker(
     return tracker
 
 
-def save_checkpoint(r: Run) -> Path:
-    """Collective save; the checkpoint counts only once COMMITTED is on disk (see checkpoint.py)."""
-    ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
-    tag = ckpt.tag_for(r.state.step)
-    tag_dir = ckpt_dir / tag
-    if r.env.rank == 0 and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # a partial left by a killed job at this same step
-    dist.barrier()
-    t0 = time.perf_counter()
-    written = ds.save(r.engine, ckpt_dir, tag)
-    written.append(_rng_path(tag_dir, r.env.rank))
-    torch.save(_rng_state(), written[-1])
-    written.append(_loader_path(tag_dir, r.env.rank))
-    atomic_write(written[-1], json.dumps(r.train_loader.state_dict()))
-    if r.env.rank == 0:
-        state = r.state.to_dict(loader=r.train_loader.state_dict(), config=config_to_dict(r.cfg))
-        ckpt.write_state(tag_dir, {**state, "run_id": r.tracker.run_id})
-        written.append(tag_dir / ckpt.STATE)
-    checksums = ckpt.fsync_and_checksum(tag_dir, written)  # by the writer, bytes still in the page cache
-    seconds, _, at_step = os.environ.get(SAVE_PAUSE_ENV, "").partition("@")
-    if seconds and int(at_step or -1) == r.state.step and r.env.rank == r.env.world_size - 1:
-        time.sleep(float(seconds))
-    checksums_by_rank = ds.all_gather(checksums)  # collective: every rank's files are on disk
-    if r.env.rank == 0:
-        gb = ckpt.commit(tag_dir, _marker(r), checksums_by_rank) / 1e9
-        ckpt.prune(ckpt_dir, r.cfg.checkpoint.keep_last)
-    dist.barrier()
-    if r.env.rank == 0:
-        seconds = time.perf_counter() - t0
-        log.info("checkpoint %s committed: %.3f GB in %.2f s (%.2f GB/s)", tag_dir, gb, seconds, gb / seconds)
-    return tag_dir
-
-
-def _marker(r: Run) -> dict:
-    return {
-        "step": r.state.step,
-        "samples_seen": r.state.samples_seen,
-        "world_size": r.env.world_size,
-        "zero_stage": r.cfg.train.zero_stage,
-        "precision": r.cfg.train.precision,
-        "model": config_to_dict(r.cfg.model),
-    }
-
-
 def finish_run(r: Run, status: str, *, within_s: float | None = None) -> None:
     """Export the final weights (completed runs) and close the tracker; always leaves the group.
 
@@ -431,7 +350,7 @@ def finish_run(r: Run, status: str, *, within_s: float | None = None) -> None:
             from pipeline.train.export import export_checkpoint
 
             if r.env.rank == 0:
-                out = export_checkpoint(ckpt.inspect_run_dir(r.run_dir), r.run_dir / "export", r.tracker.run_id)
+                out = export_checkpoint(stored.inspect_run_dir(r.run_dir), r.run_dir / "export", r.tracker.run_id)
                 r.tracker.log_artifact(out / "model.json", "export")
             dist.barrier()
     finally:
