@@ -3,7 +3,8 @@
 ========================  ===============================================  ==================================
 key                       unit                                             logged by
 ========================  ===============================================  ==================================
-``train/loss``            mean cross-entropy (nats) over the log window    train/loop.py, every log_every steps
+``train/loss``            mean loss over the log window (cross-entropy;    train/loop.py, every log_every steps
+                          MAE: masked-patch MSE)
 ``train/lr``              learning rate at the logged step                 train/loop.py
 ``train/img_per_s``       images per second, all ranks together            train/loop.py
 ``train/samples_seen``    samples since the run began                      train/loop.py
@@ -15,9 +16,9 @@ key                       unit                                             logge
 ``data/wait_frac``        fraction of the window spent waiting for data    train/loop.py
 ``data/samples_read``     samples read, summed over ranks                  data/samples.py counts, loop logs
 ``data/skipped_<kind>``   samples skipped, one key per tario.SKIP_KINDS    data/samples.py counts, loop logs
-``eval/top1``             fraction of val images, top-1 correct            train/loop.py, every eval_every steps
-``eval/top5``             fraction of val images, top-5 correct            train/loop.py
-``eval/loss``             mean cross-entropy (nats) over the val split     train/loop.py
+``eval/top1``             fraction of val images, top-1 correct            train/stage.py, every eval_every steps
+``eval/top5``             fraction of val images, top-5 correct            train/stage.py
+``eval/loss``             mean loss over the val split (as train/loss)     the stage's evaluate (train/loop.py)
 ``system/...``            MLflow's system metrics (``system/<node>/...``)  tracking/backend.py (MLflow's monitor)
 ========================  ===============================================  ==================================
 

@@ -28,6 +28,7 @@ LAYER = {
     "pipeline.tracking": 1,
     "pipeline.train": 2,
     "pipeline.finetune": 3,  # stages: plug into the engine through pipeline.train.stage
+    "pipeline.mae": 3,
     "pipeline.stages": 3,
     "ENTRY": 4,  # `python -m` entry points (__main__.py): they pick the stage, nothing imports them
     "launch": 4,

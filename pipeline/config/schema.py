@@ -221,6 +221,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for train/mfu; 0: look up the device (unknown: no MFU)
     max_nonfinite_steps: int = 3  # consecutive skipped steps before rolling back
     cpu_threads: int = 0  # torch threads per rank on CPU; 0: the rank's CPU allocation minus loader workers
+    objective: Literal["classify", "mae"] = "classify"  # mae: masked-autoencoder pretraining (the mae section)
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
@@ -417,6 +418,31 @@ def default_run_dir(name: str) -> str:
 
 
 @dataclass
+class MAEConfig:
+    """Masked-autoencoder pretraining (``train.objective=mae``); defaults are MAE's (He et al. 2022)."""
+
+    mask_ratio: float = 0.75  # fraction of each image's patches hidden from the encoder
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # predict per-patch normalised pixels (MAE table 1c)
+
+    def __post_init__(self) -> None:
+        _require(0 < self.mask_ratio < 1, f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio} (MAE uses 0.75)")
+        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            _require(getattr(self, key) > 0, f"mae.{key} must be > 0, got {getattr(self, key)}")
+        _require(
+            self.decoder_dim % self.decoder_heads == 0 and self.decoder_dim % 4 == 0,
+            f"mae.decoder_dim={self.decoder_dim} must be a multiple of mae.decoder_heads={self.decoder_heads} "
+            f"and of 4 (the 2-D sin-cos position embedding); e.g. mae.decoder_dim=512 mae.decoder_heads=16",
+        )
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments for ``pipeline.model.mae.MaskedAutoencoder`` (besides the ViT's)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
 class Config:
     name: str = "default"  # the config's name; "": the config file's stem
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -427,11 +453,13 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
     def __post_init__(self) -> None:
         self.train.grad_accum_for(self.launch.world_size)  # refuse bad batch arithmetic at load time
         if not self.train.run_dir:
             self.train.run_dir = default_run_dir(self.name)
+        self._check_objective()
         if self.finetune.enabled:
             self._head_follows_finetune()
         _require(
@@ -452,6 +480,25 @@ class Config:
             f"whose size is finetune.num_classes; drop model.num_classes from the config (or set it to {want})",
         )
         self.model.num_classes = want
+
+    def _check_objective(self) -> None:
+        """MAE reconstructs pixels: label mixing and smoothing have no meaning there, a fine-tune classifies."""
+        if self.train.objective != "mae":
+            return
+        d = self.data
+        label_keys = {"data.mixup_alpha": d.mixup_alpha, "data.cutmix_alpha": d.cutmix_alpha,
+                      "data.label_smoothing": d.label_smoothing}  # fmt: skip
+        set_keys = [f"{k}={v}" for k, v in label_keys.items() if v]
+        _require(
+            not set_keys,
+            f"train.objective=mae reconstructs masked pixels and uses no labels, so {', '.join(set_keys)} means "
+            f"nothing there; set {' '.join(k.split('=')[0] + '=0' for k in set_keys)} or train.objective=classify",
+        )
+        _require(
+            not self.finetune.enabled,
+            "finetune.init_from is set with train.objective=mae; fine-tuning trains a classifier: set "
+            "train.objective=classify (or drop finetune.init_from to pretrain with MAE)",
+        )
 
     @property
     def head_key(self) -> str:

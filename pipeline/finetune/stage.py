@@ -3,6 +3,7 @@ freezing (backbone.py), and the best evaluation's weights kept (best.py)."""
 
 from __future__ import annotations
 
+from pipeline import metric_names as mn
 from pipeline.finetune.backbone import InitReport, freeze, init_from_pretrained, report_tags
 from pipeline.finetune.best import export_best
 from pipeline.model import ViT
@@ -23,9 +24,9 @@ class FineTune(Classification):
         else:
             freeze(model, ft.freeze, ft.freeze_blocks)  # same groups as the saved optimizer
 
-    def after_eval(self, r: Run, top1: float) -> None:
+    def after_eval(self, r: Run, metrics: dict[str, float]) -> None:
         if self.cfg.finetune.export_best:
-            export_best(r, top1)
+            export_best(r, metrics[mn.EVAL_TOP1])
 
     def tags(self) -> dict[str, str]:
         if self.report is None:  # resumed: the first start tagged the run

@@ -275,8 +275,8 @@ def _verify_universal(engine: Engine, info: ResumeInfo, env: DistEnv, precision:
 
 
 def _build_model(cfg: Config, stage: Stage, *, fresh: bool) -> ViT:
-    """The model, initialised by the stage (a fine-tune's fresh start: the pretrained backbone)."""
-    model = ViT(**cfg.model.vit_kwargs())
+    """The stage's model, initialised by the stage (a fine-tune's fresh start: the pretrained backbone)."""
+    model = stage.build_model()
     stage.init_model(model, fresh=fresh)
     model.set_recompute(cfg.model.recompute_mode, every=cfg.model.recompute_every)
     return model

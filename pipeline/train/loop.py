@@ -313,27 +313,16 @@ def _hms(seconds: float) -> str:
 
 @torch.no_grad()
 def _evaluate(r: Run, p: Progress) -> None:
-    """Top-1/top-5 over the whole val split; every rank runs the same number of batches."""
+    """The stage's metrics over the val split (collective), recorded; then the stage's follow-up."""
     if r.val_loader is None:
         return
     r.engine.eval()
-    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, loss sum, samples
-    for images, labels in r.val_loader:
-        logits = r.engine(images.to(r.device, r.dtype)).float().cpu()
-        valid = labels >= 0  # padding entries (label -1) keep the ranks' batch counts equal
-        logits, labels = logits[valid], labels[valid]
-        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels.unsqueeze(-1)
-        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") if len(labels) else 0.0
-        counts += torch.tensor([hit[:, 0].sum(), hit.any(-1).sum(), float(loss), len(labels)], dtype=torch.float64)
-    r.engine.train()
-    dist.all_reduce(counts)
-    top1, top5, loss = (counts[:3] / counts[3].clamp(min=1)).tolist()
-    _record(r, p, {mn.EVAL_TOP1: top1, mn.EVAL_TOP5: top5, mn.EVAL_LOSS: loss})
-    log.info(
-        "eval at step %d: top-1 %.4f, top-5 %.4f, loss %.4f on %d images",
-        r.state.step, top1, top5, loss, int(counts[3]),
-    )  # fmt: skip
-    r.stage.after_eval(r, top1)
+    try:
+        metrics = r.stage.evaluate(r)
+    finally:
+        r.engine.train()
+    _record(r, p, metrics)
+    r.stage.after_eval(r, metrics)
 
 
 def _stop_on_terminate(r: Run, p: Progress, kill_wait_s: float) -> None:
