@@ -15,8 +15,8 @@ from pipeline.config import Config
 from pipeline.data.plan import rng
 from pipeline.model.mae import MAEOutput, MaskedAutoencoder
 from pipeline.model.vit import ViT
-from pipeline.train.recipe import param_groups
 from pipeline.train.lifecycle import Run
+from pipeline.train.recipe import param_groups
 
 log = logging.getLogger(__name__)
 
