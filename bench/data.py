@@ -18,6 +18,9 @@ RandomResizedCrop + flip + to-tensor + normalise), the loader's decode + crop wi
 per CPU second of the process (``time.process_time``): steadier than wall time on a shared machine,
 and 0 workers keeps all of the loader's work in the process. Goal (issue 19):
 reduced decode on JPEGs >= 2x the bare loop; PNG/WebP have no reduced decode and are reported as they are.
+The JPEG rates per core of the loader's decode + crop (PIL and torchvision decoders, at the first
+size) go to bench/decode_rate.json (``--rate-out``), which the launcher's ``--dry-run`` reads to plan
+the cores each GPU rank needs (launch/data_budget.py).
 
 Index (``--only index``): webdataset ``ShardWriter`` shards (jpg 4 KB, cls, json), indexed by
 ``python -m pipeline.data index`` (tar headers and label members only) in one process and in one process per CPU,
@@ -36,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -54,6 +59,8 @@ from torchvision import transforms
 from pipeline.config.schema import DataConfig
 from pipeline.data import build_loader, write_synthetic
 from pipeline.data.transforms import CropDraws, Normalize, crop_resize
+
+RATE_FILE = Path(__file__).resolve().parent / "decode_rate.json"  # launch/data_budget.py reads it
 
 
 def jpeg_bytes(root: Path) -> list[bytes]:
@@ -231,6 +238,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224, help="train crop side")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3, help="best of N runs per row (a loaded machine is noisy)")
+    p.add_argument("--rate-out", type=Path, default=RATE_FILE, help="decode: where the JPEG rates per core go")
     a = p.parse_args()
     if a.quick:
         a.n, a.src_size, a.size, a.batch, a.repeat = 256, 128, 112, 32, 1
@@ -241,10 +249,10 @@ def main() -> None:
     if a.only in (None, "loader"):
         loader_bench(a)
     if a.only in (None, "decode"):
-        decode_bench(a.decode_n, [int(x) for x in a.decode_sizes.split(",")], a.batch, a.rounds)
+        decode_bench(a.decode_n, [int(x) for x in a.decode_sizes.split(",")], a.batch, a.rounds, a.rate_out)
 
 
-def decode_bench(n: int, sizes: list[int], batch: int, rounds: int) -> None:
+def decode_bench(n: int, sizes: list[int], batch: int, rounds: int, rate_out: Path | None = None) -> None:
     """Per-core images/s on 500x375 photos: the bare loop against the loader's decode, interleaved rounds."""
     torch.set_num_threads(1)
     batch = min(batch, n // 4)
@@ -263,6 +271,7 @@ def decode_bench(n: int, sizes: list[int], batch: int, rounds: int) -> None:
                     "bare loop: PIL + torchvision.transforms": partial(bare_tv, data, size, batch),
                     "loader's decode + crop, reduced decode": partial(bare_own, data, size, batch, "pil", True),
                     "loader's decode + crop, full decode": partial(bare_own, data, size, batch, "pil", False),
+                    "loader's decode + crop, torchvision decoder": partial(bare_own, data, size, batch, "torchvision"),
                     "build_loader, 0 workers (reduced decode)": partial(loader_batches, root, size, batch, 0, "pil"),
                 }
                 got: dict[str, list[float]] = {name: [] for name in methods}
@@ -274,6 +283,21 @@ def decode_bench(n: int, sizes: list[int], batch: int, rounds: int) -> None:
                     med = float(np.median(rates))
                     print(f"| {fmt} ({kb:.0f} KB) | {size} | {name} | {med:.0f} | {min(rates):.0f}-{max(rates):.0f} "
                           f"| {med / base:.2f}x |")  # fmt: skip
+                if fmt == "jpg" and size == sizes[0] and rate_out is not None:
+                    pil = float(np.median(got["loader's decode + crop, reduced decode"]))
+                    tv = float(np.median(got["loader's decode + crop, torchvision decoder"]))
+                    write_rates(rate_out, {"pil": pil, "torchvision": tv}, kb=kb, size=size)
+
+
+def write_rates(path: Path, per_core: dict[str, float], *, kb: float, size: int) -> None:
+    """The JPEG decode + crop rates per core, for the launcher's CPU budget (launch/data_budget.py reads it)."""
+    record = {
+        "img_per_core_s": {k: round(v, 1) for k, v in per_core.items()},
+        "image": f"500x375 JPEG ({kb:.0f} KB)", "crop": size, "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(), "measured": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"decode rates per core written to {path}: {record['img_per_core_s']}")
 
 
 def loader_bench(a: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `launch` and `pipeline` i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch import checks, cluster, container, jobfile, status  # noqa: E402
+from launch.data_budget import decode_budget  # noqa: E402
 from launch.executor import (  # noqa: E402
     SOURCE_ROOT,
     SRUN_CPU_BIND,
@@ -239,6 +240,7 @@ def cpu_plan(cfg: Config, kind: str) -> str:
     lines.append(
         f"  binding: srun {' '.join(SRUN_CPU_BIND)} (each rank and its loader workers on the rank's own cores)"
     )
+    lines.append(decode_budget(cfg))
     return "\n".join(lines)
 
 

@@ -81,3 +81,23 @@ def test_mlflow_system_metrics_monitor_runs_and_stops_through_our_two_functions(
     stopper.start()
     stopper.join(15)
     assert not stopper.is_alive() and not monitor_running(monitor)
+
+
+def test_deepspeed_builds_torch_fused_adamw_and_compiles_in_place() -> None:
+    # engine.py:adamw_impl ("fused" rides DeepSpeed's torch_adam params into torch.optim.AdamW) and
+    # engine.py:initialize (engine.compile() must compile the module in place: no "_orig_mod." keys).
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    params = {"torch_adam": True, "fused": True, "lr": 1e-3}
+    cls, extra = DeepSpeedEngine.get_optimizer_configuration(None, params, True)
+    assert cls is torch.optim.AdamW and params == {"fused": True, "lr": 1e-3}, (
+        f"DeepSpeed's torch_adam now builds {cls} with {params} {extra}: update engine.py:adamw_impl"
+    )
+    assert "adam_optimizer(model_parameters, **optimizer_parameters" in inspect.getsource(
+        DeepSpeedEngine._configure_basic_optimizer
+    ), "DeepSpeed no longer passes the optimizer params through to torch's AdamW: update engine.py:adamw_impl"
+    assert "self.module.compile(" in inspect.getsource(DeepSpeedEngine.compile), (
+        "DeepSpeedEngine.compile no longer compiles its module in place: checkpoints of compiled runs could gain "
+        "'_orig_mod.' keys; update engine.py:initialize"
+    )

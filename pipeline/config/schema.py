@@ -222,6 +222,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  # consecutive skipped steps before rolling back
     cpu_threads: int = 0  # torch threads per rank on CPU; 0: the rank's CPU allocation minus loader workers
     objective: Literal["classify", "mae"] = "classify"  # mae: masked-autoencoder pretraining (the mae section)
+    # torch.compile the model (inductor; DeepSpeed's engine.compile, state dict keys unchanged): the
+    # first steps pay the compile time (tens of seconds), later ones run faster on a GPU
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
@@ -244,6 +247,12 @@ class TrainConfig:
         _require(self.log_every > 0, "train.log_every must be > 0")
         _require(self.eval_every >= 0, "train.eval_every must be >= 0")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+        _require(
+            not (self.compile and self.zero_stage == 3),
+            "train.compile=true does not work with train.zero_stage=3: ZeRO-3 gathers each layer's partitioned "
+            "weights in module hooks that torch.compile traces past (the patch embedding then reads its weight as "
+            "an empty shard); use train.zero_stage=2 (or 0/1) with train.compile=true, or train.compile=false",
+        )
 
     def grad_accum_for(self, world_size: int) -> int:
         """Micro batches per optimizer step at ``world_size`` ranks (pipeline/train/batch.py plans with it).
@@ -364,6 +373,9 @@ class LaunchConfig:
     container: str = ""  # an Apptainer .sif to run each rank in
     port: int = 0  # rendezvous port; 0: derived from the job id
     gpu_mem_gb: float = 0.0  # memory of one GPU, for the --dry-run memory plan; 0: unknown
+    # images/s one GPU should train, for the --dry-run CPU budget of decoding; 0: the model at 45 % MFU
+    # of an H100 (ViT-B/16: ~4,200), see launch/data_budget.py
+    target_img_per_s_per_gpu: float = 0.0
 
     @property
     def tasks_per_node(self) -> int:
@@ -384,6 +396,7 @@ class LaunchConfig:
         _require(self.max_timeouts >= 0, "launch.max_timeouts must be >= 0")
         _require(0 <= self.port < 65536, f"launch.port must be a TCP port, got {self.port}")
         _require(self.gpu_mem_gb >= 0, f"launch.gpu_mem_gb must be >= 0 (0: unknown), got {self.gpu_mem_gb}")
+        _require(self.target_img_per_s_per_gpu >= 0, "launch.target_img_per_s_per_gpu must be >= 0 (0: derived)")
 
 
 @dataclass

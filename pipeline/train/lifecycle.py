@@ -148,6 +148,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
         groups,
         ds.ds_config(train=cfg.train, optim=cfg.optim, plan=plan, device=device, load_universal=universal),
         device,
+        compile=cfg.train.compile,
     )
     if info is not None:
         ds.load(engine, stored.checkpoints_dir(run_dir), load_tag)

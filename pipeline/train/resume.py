@@ -9,7 +9,7 @@ only configs: no torch, so the launcher stays light. The same two callers share
 what the launcher announces is what the ranks do.
 
 - Honoured, logged: where and how the run executes (tracking, launch, logging/eval/checkpoint
-  cadence, device, threads, loader workers, gradient checkpointing, offload).
+  cadence, device, threads, loader workers, gradient checkpointing, offload, torch.compile).
 - Honoured with a stated rule: ``train.steps`` (the remaining learning-rate decay is re-stretched
   from the current learning rate to the new end, see recipe.Schedule.stretch); the global batch at
   another world size or micro batch (kept at the checkpoint's, the accumulation re-derived).
@@ -31,7 +31,7 @@ from pipeline.train.batch import plan_batch
 _SAFE_PREFIXES = ("tracking.", "launch.")
 _SAFE_KEYS = frozenset({
     "name", "train.run_dir", "train.log_every", "train.eval_every", "train.peak_tflops", "train.cpu_threads",
-    "train.device", "train.max_nonfinite_steps", "train.offload_optimizer", "train.offload_params",
+    "train.device", "train.compile", "train.max_nonfinite_steps", "train.offload_optimizer", "train.offload_params",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export_final",
     "finetune.export_best", "data.val_split", "data.val_batch_size", "data.eval_crop_pct", "data.prefetch_factor",
     "data.max_skip_frac", "data.skip_check_after", "model.preset", "model.grad_checkpointing",

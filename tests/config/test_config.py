@@ -94,6 +94,11 @@ def test_only_differences_are_written() -> None:
         ),
         ("model:\n  preset: B/15\n", [], r"unknown model\.preset 'B/15'; did you mean 'B/16'\?"),
         ("train:\n  zero_stage: 4\n", [], r"train\.zero_stage must be 0, 1, 2 or 3, got 4"),
+        (
+            "train:\n  zero_stage: 3\n",
+            ["train.compile=true"],
+            r"train\.compile=true does not work with train\.zero_stage=3: ZeRO-3 gathers .* use train\.zero_stage=2",
+        ),
         ("train:\n  global_batch_size: 100\n", [], r"global_batch_size=100 is not a multiple of .* \(= 64\)"),
         ("train:\n  global_batch_size: 128\n  grad_accum: 3\n", [], r"global_batch_size=128 != .*grad_accum=3"),
         ("finetune:\n  init_from: runs/x\n", [], r"finetune\.num_classes is missing"),

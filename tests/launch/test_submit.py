@@ -106,6 +106,7 @@ def test_dry_run_prints_sbatch_script_rendezvous_and_memory_plan(tmp_path: Path,
     assert f"  here: {here} CPU(s) per rank ({len(os.sched_getaffinity(0))} usable CPUs / 2 local rank(s))" in text
     assert "SLURM_CPUS_ON_NODE / tasks per node: 3 (--cpus-per-task)" in text
     assert "srun --unbuffered --output" in text and "--cpu-bind=cores" in text
+    assert "data CPU budget: CPU ranks (no GPU to keep fed); not planned" in text
     cfg = load_config(REPO / "configs/smoke.yaml", ["model.num_classes=4"])
     n_params = sum(p.numel() for p in ViT(**cfg.model.vit_kwargs()).parameters())
     assert f"memory plan per rank (CPU ranks: no GPU memory involved): ViT with {n_params:,} parameters" in text

@@ -1,7 +1,8 @@
 """The real entry point on 2 CPU ranks (torchrun, gloo, DeepSpeed ZeRO) with real shards.
 
 Numbers, not just exit codes: losses fall, resumed runs reproduce the uninterrupted run's losses
-and weights bit for bit, a universal (2 -> 1 rank) resume reloads the saved weights, and
+and weights bit for bit, a universal (2 -> 1 rank) resume reloads the saved weights, a compiled
+run (train.compile) resumes from an eager checkpoint and back on the same losses, and
 non-finite steps are skipped, rolled back and finally refused with the step range.
 """
 
@@ -88,6 +89,49 @@ def test_kill_mid_checkpoint_then_resume_is_bit_identical(
     a, b = weights(reference), weights(run_dir)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+# torch.compile (inductor) reorders and fuses float arithmetic: the same run, not the same bits.
+COMPILED_REL_TOL = 1e-4
+
+
+def _module_keys(tag_dir: Path) -> list[str]:
+    return sorted(torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"])
+
+
+@pytest.mark.timeout(900)  # two runs, each pays inductor's compile once (tens of seconds on 2 cores)
+def test_compiled_run_resumes_from_eager_and_back_on_the_same_losses(
+    reference: Path, synthetic_shards: Path, tmp_path: Path
+) -> None:
+    """train.compile=true from the eager reference's step-10 checkpoint trains steps 11-20 on the eager
+    losses; an eager run resumed from the compiled run's step-15 checkpoint ends on the reference's weights."""
+    run_dir = tmp_path / "compiled"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "export")
+    for tag in ("step_00000020", "step_00000015"):
+        shutil.rmtree(run_dir / "checkpoints" / tag)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000010")
+    compiled = train(2, overrides(synthetic_shards, run_dir, "train.zero_stage=2", "train.compile=true"), timeout=420)
+    assert_ok(compiled)
+    assert "train.compile: False -> True (honoured)" in compiled.stdout
+    ref, got = losses(reference), losses(run_dir)
+    assert [got[s] for s in range(11, 21)] == pytest.approx([ref[s] for s in range(11, 21)], rel=COMPILED_REL_TOL)
+    # nn.Module.compile in place: the checkpoint's keys are the eager ones (no "_orig_mod." prefix)
+    ckpts = run_dir / "checkpoints"
+    assert _module_keys(ckpts / "step_00000015") == _module_keys(reference / "checkpoints" / "step_00000015")
+
+    shutil.rmtree(ckpts / "step_00000020")
+    shutil.rmtree(run_dir / "export")
+    (ckpts / "latest").write_text("step_00000015")
+    eager = train(2, overrides(synthetic_shards, run_dir, "train.zero_stage=2"))
+    assert_ok(eager)
+    assert "resumed from" in eager.stdout and "step_00000015" in eager.stdout
+    got = losses(run_dir)
+    assert [got[s] for s in range(16, 21)] == pytest.approx([ref[s] for s in range(16, 21)], rel=COMPILED_REL_TOL)
+    a, b = weights(reference), weights(run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=COMPILED_REL_TOL, atol=1e-5)
 
 
 @pytest.mark.timeout(300)
