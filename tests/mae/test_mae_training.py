@@ -174,5 +174,5 @@ def test_finetune_from_the_mae_run(mae_run: Path, synthetic_shards: Path, tmp_pa
     assert "decoder.pred.weight" in proc.stdout.split("fine-tune init from", 1)[1].splitlines()[0]  # reported ignored
     top1 = metrics(run_dir)[30]["eval/top1"]
     print(f"fine-tune from MAE: top-1 {top1:.3f} after 30 steps")
-    assert top1 > 0.3, f"top-1 {top1:.3f} (chance 0.1)"
+    assert top1 > 0.25, f"top-1 {top1:.3f} (chance 0.1; 0.35 in one run)"
     assert json.loads((run_dir / "export" / "model.json").read_text())["model"]["pool"] == "mean"
