@@ -41,9 +41,9 @@ tests/launch/test_memory_plan.py checks each formula against the tensors autogra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from pipeline.config import Config, ModelConfig
+from pipeline.config import Config, MAEConfig, ModelConfig
 from pipeline.model.presets import pair
 from pipeline.model.vit import RECOMPUTE_MODES, Recompute
 from pipeline.train.batch import plan_batch
@@ -106,9 +106,10 @@ def model_state_bytes(
     return StageBytes(stage, round(params), round(grads), round(optimizer), round(cpu))
 
 
-def _block_terms(model: ModelConfig, *, micro_batch: int, e: int) -> tuple[int, int]:
-    """(bytes a plain block keeps, bytes a selectively recomputed block keeps), formulas in the module doc."""
-    _, _, s = _geometry(model)
+def _block_terms(model: ModelConfig, *, micro_batch: int, e: int, tokens: int | None = None) -> tuple[int, int]:
+    """(bytes a plain block keeps, bytes a selectively recomputed block keeps), formulas in the module doc;
+    ``tokens``: how many the blocks see when not all (MAE's encoder)."""
+    s = tokens if tokens is not None else _geometry(model)[2]
     b, h, m, a = micro_batch, model.dim, model.mlp_dim, model.heads
     i = model.heads * model.dim_head
     block = e * (4 * s * b * h + 4 * s * b * i + 2 * s * b * m) + 4 * a * s * b + 16 * s * b
@@ -140,6 +141,49 @@ def activation_bytes(
     return (depth - checkpointed) * block + checkpointed * e * s * b * h + recomputed_block + outside
 
 
+def _decoder_config(model: ModelConfig, mae: MAEConfig) -> ModelConfig:
+    """MAE's decoder blocks as a ModelConfig (pipeline/model/mae.py: MLP 4x, qkv bias, no dropout)."""
+    d = mae.decoder_dim
+    return replace(model, dim=d, depth=mae.decoder_depth, heads=mae.decoder_heads, dim_head=d // mae.decoder_heads,
+                   mlp_dim=4 * d, qkv_bias=True, dropout=0.0)  # fmt: skip
+
+
+def mae_param_count(model: ModelConfig, mae: MAEConfig) -> int:
+    """Parameters of pipeline.model.mae.MaskedAutoencoder: the ViT's plus the decoder's (its input
+    projection, mask token, blocks, norm and pixel prediction; the sin-cos positions are fixed)."""
+    _, patch_dim, _ = _geometry(model)
+    d = mae.decoder_dim
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+    return count_params(model) + model.dim * d + d + d + mae.decoder_depth * block + 2 * d + d * patch_dim + patch_dim
+
+
+def mae_activation_bytes(
+    model: ModelConfig, mae: MAEConfig, *, micro_batch: int, precision: str, recompute: Recompute
+) -> int:
+    """Peak bytes an MAE micro batch keeps for backward: the encoder's blocks on the P + K visible
+    tokens (K = (1 - mask_ratio) N; any recompute mode checkpoints each whole block there, see
+    MaskedAutoencoder.forward_encoder), the decoder's blocks on all P + N positions, and around them
+    (per image): the image, the embedded patches the visible ones are gathered from (e·N·h), the
+    encoder's final norm and the decoder's input (2e·s_e·h + 8s_e), the decoder's gather input
+    (e·N·d), its final norm and prediction input (2e·s_d·d + 8s_d), the int64 shuffle and restore
+    indices (16N), and the fp32 loss terms (4N·patch_dim + 4N + 4)."""
+    patches, patch_dim, _ = _geometry(model)
+    b, h, d, e = micro_batch, model.dim, mae.decoder_dim, 4 if precision == "fp32" else 2
+    prefix = int(model.class_token)
+    s_e, s_d = prefix + max(1, int(patches * (1 - mae.mask_ratio))), prefix + patches
+    encoder_block, _ = _block_terms(model, micro_batch=b, e=e, tokens=s_e)
+    decoder_block, _ = _block_terms(_decoder_config(model, mae), micro_batch=b, e=e, tokens=s_d)
+    if recompute == "none":
+        encoder = model.depth * encoder_block
+    else:
+        encoder = model.depth * e * s_e * b * h + encoder_block
+    outside = b * (
+        e * (patches * patch_dim + patches * h + 2 * s_e * h + patches * d + 2 * s_d * d)
+        + 8 * s_e + 8 * s_d + 16 * patches + 4 * patches * patch_dim + 4 * patches + 4
+    )  # fmt: skip
+    return encoder + mae.decoder_depth * decoder_block + outside
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     num_params: int
@@ -157,6 +201,7 @@ class MemoryPlan:
     recompute: str  # what the config asks for
     recompute_every: int
     gpu_mem_bytes: int  # 0: unknown
+    note: str = ""  # what the objective changes (MAE: tokens the encoder sees, the decoder)
 
     @property
     def world_size(self) -> int:
@@ -173,7 +218,8 @@ def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
     ranks_per_node = gpus_per_node or cfg.launch.ranks_per_node
     world = nodes * ranks_per_node
     t, model = cfg.train, cfg.model
-    num_params = count_params(model)
+    mae = cfg.mae if t.objective == "mae" else None
+    num_params = count_params(model) if mae is None else mae_param_count(model, mae)
     stages = tuple(
         model_state_bytes(
             num_params,
@@ -190,8 +236,16 @@ def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
     by_mode = {
         mode: activation_bytes(model, micro_batch=micro, precision=t.precision, recompute=mode,
                                every=model.recompute_every)
+        if mae is None else mae_activation_bytes(model, mae, micro_batch=micro, precision=t.precision, recompute=mode)
         for mode in RECOMPUTE_MODES
     }  # fmt: skip
+    note = ""
+    if mae is not None:
+        patches, _, tokens = _geometry(model)
+        visible = max(1, int(patches * (1 - mae.mask_ratio)))
+        note = (f"MAE (train.objective=mae): the encoder sees {visible + tokens - patches} of {tokens} tokens "
+                f"(mae.mask_ratio={mae.mask_ratio}), the decoder ({mae.decoder_depth} blocks of width "
+                f"{mae.decoder_dim}) all {tokens}; parameters include the decoder")  # fmt: skip
 
     return MemoryPlan(
         num_params=num_params,
@@ -209,6 +263,7 @@ def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
         recompute=model.recompute_mode,
         recompute_every=model.recompute_every,
         gpu_mem_bytes=round(cfg.launch.gpu_mem_gb * GiB),
+        note=note,
     )
 
 
@@ -238,6 +293,8 @@ def format_plan(plan: MemoryPlan) -> str:
         cells = "  ".join(_size(v) for v in (s.params, s.grads, s.optimizer, s.gpu_total, s.cpu))
         lines.append(f"    {s.stage}{mark}  {cells}")
     lines.append("    (* = train.zero_stage)")
+    if plan.note:
+        lines.append(f"  {plan.note}")
     lines.append(
         f"  activations per micro batch of {plan.micro_batch_size} images ({plan.tokens} tokens, fused attention), "
         "peak in backward by model.recompute:"

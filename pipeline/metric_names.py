@@ -19,6 +19,8 @@ key                       unit                                             logge
 ``eval/top1``             fraction of val images, top-1 correct            train/stage.py, every eval_every steps
 ``eval/top5``             fraction of val images, top-5 correct            train/stage.py
 ``eval/loss``             mean loss over the val split (as train/loss)     the stage's evaluate (train/loop.py)
+``eval/knn_top1``         fraction of val images whose 20 nearest train    mae/stage.py (labeled data only)
+                          images (encoder features, cosine) vote right
 ``system/...``            MLflow's system metrics (``system/<node>/...``)  tracking/backend.py (MLflow's monitor)
 ========================  ===============================================  ==================================
 
@@ -51,6 +53,7 @@ DATA_SKIPPED_PREFIX = "data/skipped_"
 EVAL_TOP1 = "eval/top1"
 EVAL_TOP5 = "eval/top5"
 EVAL_LOSS = "eval/loss"
+EVAL_KNN_TOP1 = "eval/knn_top1"
 
 SYSTEM_PREFIX = "system/"
 

@@ -439,9 +439,20 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True  # predict per-patch normalised pixels (MAE table 1c)
+    # Monitoring at each eval (pipeline/mae/monitor.py): a weighted k-NN top-1 on the encoder's
+    # features (DINO's monitor, Caron et al. 2021: k=20, T=0.07) with a bank of this many train
+    # images, a fixed draw (0: no k-NN); and a picture of this many val images, masks, reconstructions.
+    knn_bank: int = 10000
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    recon_images: int = 8
 
     def __post_init__(self) -> None:
         _require(0 < self.mask_ratio < 1, f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio} (MAE uses 0.75)")
+        for key in ("knn_bank", "recon_images"):
+            _require(getattr(self, key) >= 0, f"mae.{key} must be >= 0 (0: off), got {getattr(self, key)}")
+        _require(self.knn_k >= 1, f"mae.knn_k must be >= 1, got {self.knn_k} (DINO uses 20)")
+        _require(self.knn_temperature > 0, f"mae.knn_temperature must be > 0, got {self.knn_temperature} (DINO: 0.07)")
         for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
             _require(getattr(self, key) > 0, f"mae.{key} must be > 0, got {getattr(self, key)}")
         _require(
@@ -452,7 +463,8 @@ class MAEConfig:
 
     def model_kwargs(self) -> dict:
         """Keyword arguments for ``pipeline.model.mae.MaskedAutoencoder`` (besides the ViT's)."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        keys = ("mask_ratio", "decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass

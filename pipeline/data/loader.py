@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from pipeline.config.schema import DataConfig
 from pipeline.data.index import DataIndex, read_index
 from pipeline.data.preflight import check_geometry
@@ -128,19 +130,26 @@ def build_val_loader(
     image_size: tuple[int, int],
     pin_memory: bool = False,
     with_keys: bool = False,
+    split: str | None = None,
+    subset: int = 0,
+    seed: int = 0,
 ) -> ValLoader:
-    """Finite val loader; ``cfg.val_batch_size`` (when > 0) overrides ``batch_size``."""
+    """Finite val loader; ``cfg.val_batch_size`` (when > 0) overrides ``batch_size``. ``split``: another
+    split read the same way (eval transform, each sample once); ``subset`` > 0: only that many of its
+    samples, a fixed draw from ``seed`` (a k-NN monitor's bank of train images, say)."""
     batch_size = cfg.val_batch_size or batch_size
     _check_args(rank, world_size, batch_size, image_size)
+    split = split or cfg.val_split
     index = read_index(cfg.path)
-    index.split(cfg.val_split)
-    if rank == 0:
+    index.split(split)
+    if rank == 0 and split == cfg.val_split:
         _warn_missing(index, cfg.val_split)
+    source = Source.of(index, split)
+    total = sum(source.counts)
+    picked = None
+    if 0 < subset < total:
+        picked = np.sort(np.random.default_rng(seed).choice(total, size=subset, replace=False))
     stream = ValStream(
-        Source.of(index, cfg.val_split),
-        Look.of(cfg, image_size),
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
+        source, Look.of(cfg, image_size), rank=rank, world_size=world_size, batch_size=batch_size, subset=picked
     )
     return ValLoader(stream, cfg=cfg, pin_memory=pin_memory, with_keys=with_keys)

@@ -23,11 +23,16 @@ from pipeline.metric_names import DATA_SAMPLES_READ
 class ValStream(IterableDataset):
     """A rank's val batches; worker w makes batches w, w + W, ... (the DataLoader interleaves them)."""
 
-    def __init__(self, source: Source, look: Look, *, rank: int, world_size: int, batch_size: int) -> None:
+    def __init__(
+        self, source: Source, look: Look, *, rank: int, world_size: int, batch_size: int,
+        subset: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        """``subset``: the split positions to read (sorted), when not the whole split."""
         super().__init__()
         self.source, self.look, self.rank, self.world_size, self.batch_size = source, look, rank, world_size, batch_size
         self.starts = np.concatenate([[0], np.cumsum(np.asarray(source.counts, dtype=np.int64))])
-        self.total = int(self.starts[-1])
+        self.subset = subset
+        self.total = int(self.starts[-1]) if subset is None else len(subset)
         # This rank's positions: a contiguous 1/world_size of the split (sizes differ by at most 1).
         self.bounds = rank * self.total // world_size, (rank + 1) * self.total // world_size
 
@@ -46,6 +51,8 @@ class ValStream(IterableDataset):
         try:
             for b in range(wid, len(self), workers):
                 positions = np.arange(lo + b * self.batch_size, min(lo + (b + 1) * self.batch_size, hi))
+                if self.subset is not None:
+                    positions = self.subset[positions]
                 samples = read_positions(self.locate, positions, self.source, readers)
                 u8, labels, keys = self._assemble(samples, tally)
                 yield u8, labels, keys, {"worker": wid, "batch": b, **tally.snapshot()}

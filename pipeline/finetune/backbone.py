@@ -15,6 +15,7 @@ from pipeline.config import Config
 from pipeline.finetune.source import FinetuneError, Source, check_architecture, load_source
 from pipeline.model import ViT
 from pipeline.model.convert import to_ours
+from pipeline.model.mae import DECODER_PREFIX
 from pipeline.model.presets import pair
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,14 @@ def init_from_pretrained(model: ViT, cfg: Config) -> InitReport:
     """Load the backbone of ``cfg.finetune.init_from`` into ``model``; new head; freeze as asked."""
     source = load_source(cfg.finetune.init_from)
     check_architecture(source, cfg)
-    state = to_ours(source.state)
+    # An MAE run's checkpoint holds its decoder beside the encoder: not a backbone part, dropped and
+    # reported (the layout converters know ViT keys only).
+    decoder = sorted(k for k in source.state if k.startswith(DECODER_PREFIX))
+    state = to_ours({k: v for k, v in source.state.items() if not k.startswith(DECODER_PREFIX)})
     report = InitReport(str(source.path), source.kind, source.run_id, source.step)
     state = _adapt_pos_embed(state, model, source, report)
     _load_backbone(model, state, report)
+    report.ignored = sorted(report.ignored + decoder)
     model.reset_head(cfg.finetune.num_classes, init=cfg.finetune.head_init)
     freeze(model, cfg.finetune.freeze, cfg.finetune.freeze_blocks)
     log.info(

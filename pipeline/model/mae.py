@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.model.vit import Block, ViT, trunc_normal_
 
 NORM_PIX_EPS = 1e-6  # MAE's (engine_pretrain / models_mae.forward_loss)
+DECODER_PREFIX = "decoder."  # the decoder's parameter names; everything else is the encoder (a ViT)
 
 
 @dataclass
@@ -146,6 +147,9 @@ class MaskedAutoencoder(ViT):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
+        # What the cost model (flops.py) and the memory plan need besides the ViT's init_kwargs.
+        self.mae_kwargs = dict(mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                               decoder_heads=decoder_heads)  # fmt: skip
         ph, pw = self.patch_size
         channels = self.init_kwargs["channels"]
         self.decoder = MAEDecoder(
@@ -204,7 +208,21 @@ class MaskedAutoencoder(ViT):
         var = patches.var(dim=-1, keepdim=True)  # unbiased, as MAE
         return (patches - mean) / (var + NORM_PIX_EPS).sqrt()
 
-    def forward(self, img: torch.Tensor, *, generator: torch.Generator) -> MAEOutput:  # type: ignore[override]
+    def features(self, img: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D) the encoder's pooled features of every patch, nothing masked (what a
+        fine-tune or the k-NN monitor sees): the ViT's pooling, then its final norm."""
+        pooled = self.pool(self.forward_features(img))  # (B, D)
+        return pooled if self.norm_before_pool else self.norm(pooled)
+
+    def forward(  # type: ignore[override]
+        self, img: torch.Tensor, *, generator: torch.Generator | None = None, features: bool = False
+    ) -> MAEOutput | torch.Tensor:
+        """The MAE loss and predictions for masks drawn from ``generator``; with ``features=True`` the
+        unmasked encoder features instead (through ``forward`` so DeepSpeed's ZeRO-3 hooks gather the
+        parameters)."""
+        if features:
+            return self.features(img)
+        assert generator is not None, "MAE's forward draws its masks from the generator it is given"
         ids_keep, ids_restore, mask = random_masking(
             img.shape[0], self.num_patches, self.mask_ratio, generator, device=img.device
         )

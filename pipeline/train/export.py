@@ -31,6 +31,7 @@ from pipeline.config import DataConfig
 from pipeline.data.index import read_index
 from pipeline.durable import atomic_write, atomic_write_via
 from pipeline.model.convert import OUR_LAYOUT_MARKER, LayoutError, timm_model_args, to_timm
+from pipeline.model.mae import DECODER_PREFIX
 from pipeline.model.presets import pair
 from pipeline.train import engine as ds
 
@@ -61,10 +62,15 @@ def write_export(
     run_id: str | None,
     data: dict | None = None,
 ) -> Path:
-    """timm's layout where timm can express the model, else ours. ``data``: the run's data config."""
+    """timm's layout where timm can express the model, else ours. ``data``: the run's data config.
+
+    An MAE run's decoder is left out: the export is the encoder, a plain ViT that timm and fine-tuning
+    load; the checkpoints keep the decoder for resuming the pretraining (issue 18)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    ours = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    ours = {k: v.detach().float().contiguous().cpu() for k, v in state.items() if not k.startswith(DECODER_PREFIX)}
     meta = {"format": 1, "model": model_cfg, "step": step, "source": source, "run_id": run_id}
+    if len(ours) < len(state):
+        meta["left_out"] = f"{len(state) - len(ours)} {DECODER_PREFIX}* tensors (the MAE decoder; in the checkpoints)"
     meta["timm"] = _write_timm(ours, model_cfg, data or {}, out_dir)
     meta["layout"] = "timm" if meta["timm"] == "written" else "ours"
     if meta["layout"] == "ours":

@@ -174,3 +174,17 @@ def test_bad_arguments_and_missing_data_fail_before_any_work(tmp_path, synthetic
     n = loader.batches_per_epoch
     with pytest.raises(DataError, match=f"says {n} batches consumed of an epoch of {n}"):
         loader.load_state_dict({**loader.state_dict(), "consumed": n})
+
+
+def test_a_seeded_subset_of_another_split_is_read_once_across_ranks(synthetic_shards):
+    cfg = data_cfg(synthetic_shards, num_workers=0)
+
+    def keys(rank: int, world: int, seed: int) -> list[str]:
+        loader = build_val_loader(cfg, rank=rank, world_size=world, batch_size=8, image_size=SIZE,
+                                  with_keys=True, split="train", subset=50, seed=seed)  # fmt: skip
+        return [k for _, labels, batch in loader for k, label in zip(batch, labels, strict=True) if label >= 0]
+
+    both = keys(0, 2, seed=3) + keys(1, 2, seed=3)
+    assert len(both) == len(set(both)) == 50 and set(both) <= set(split_keys(synthetic_shards, "train"))
+    assert sorted(keys(0, 1, seed=3)) == sorted(both)  # the same draw whatever the world size
+    assert set(keys(0, 1, seed=4)) != set(both)  # another seed, another draw

@@ -137,3 +137,61 @@ def test_plan_lists_every_recompute_mode_and_totals_the_configured_one() -> None
     assert "    every_k    * " in text and "(model.recompute_every=3)" in text
     legacy = memory_plan(load_config(None, [*b16, "model.grad_checkpointing=true"]), nodes=1, gpus_per_node=8)
     assert legacy.recompute == "full" and legacy.total == legacy.stages[legacy.zero_stage].gpu_total + acts["full"]
+
+
+MAE = ["train.objective=mae", "mae.decoder_dim=32", "mae.decoder_depth=2", "mae.decoder_heads=4"]
+
+
+def _mae_saved_bytes(cfg, batch: int, *, recompute: str = "none") -> int:
+    """As _saved_bytes, for the MAE (encoder on the visible patches, decoder, masked-patch loss)."""
+    from pipeline.model.mae import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(**cfg.model.vit_kwargs(), **cfg.mae.model_kwargs()).train()
+    model.set_recompute(recompute)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    size = cfg.model.image_size
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(batch, 3, size, size), generator=torch.Generator().manual_seed(0)).loss.backward()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.dim=64", "model.heads=2", "model.mlp_dim=96", "model.depth=3"]])
+def test_mae_plan_matches_what_autograd_saves(overrides: list[str]) -> None:
+    from launch.memory_plan import mae_activation_bytes, mae_param_count
+    from pipeline.model.mae import MaskedAutoencoder
+
+    cfg = load_config(None, [*MAE, *overrides])
+    model = MaskedAutoencoder(**cfg.model.vit_kwargs(), **cfg.mae.model_kwargs())
+    assert mae_param_count(cfg.model, cfg.mae) == sum(p.numel() for p in model.parameters())
+    for batch in (2, 5):
+        planned = mae_activation_bytes(cfg.model, cfg.mae, micro_batch=batch, precision="fp32", recompute="none")
+        assert planned == _mae_saved_bytes(cfg, batch)
+        # The encoder sees 17 of 65 tokens: far less than the classifier keeps for its blocks alone.
+        assert planned < activation_bytes(cfg.model, micro_batch=batch, precision="fp32", recompute="none")
+
+
+def test_mae_vit_b16_plan_counts_a_quarter_of_the_tokens_and_the_decoder() -> None:
+    b16 = ["model.preset=B/16", "model.image_size=224", "model.num_classes=1000", "train.precision=bf16",
+           "train.micro_batch_size=64", "train.global_batch_size=512"]  # fmt: skip
+    mae = load_config(None, [*b16, "train.objective=mae"])  # MAE's decoder: 8 blocks of width 512
+    plan = memory_plan(mae, nodes=1, gpus_per_node=8)
+    # MAE's ViT-B decoder (models_mae.py, its fixed position embedding aside): embed 768x512 + 512, mask
+    # token 512, 8 blocks of 12·512² + 13·512, norm 2·512, prediction 512x768 + 768.
+    assert plan.num_params == 86_567_656 + 393_728 + 512 + 8 * 3_152_384 + 1_024 + 393_984
+    text = format_plan(plan)
+    assert (
+        "the encoder sees 50 of 197 tokens (mae.mask_ratio=0.75), the decoder (8 blocks of width 512) all 197" in text
+    )
+    classify = memory_plan(load_config(None, b16), nodes=1, gpus_per_node=8)
+    ratio = plan.activations / classify.activations
+    # The encoder's blocks keep ~1/4 of the classifier's, but MAE's 8-block decoder on all 197 tokens
+    # (width 512) keeps about as much again: ~0.73 of the classifier in all.
+    assert 0.7 < ratio < 0.75, ratio

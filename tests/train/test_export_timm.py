@@ -126,3 +126,24 @@ def test_timm_pointed_at_a_file_in_our_layout_refuses_it(tmp_path: Path) -> None
     overlay = {"file": str(out / "model.safetensors"), "num_classes": 5}
     with pytest.raises(RuntimeError, match="this_file_is_not_timm_layout.load_the_timm_folder_of_this_export"):
         timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay, **args)
+
+
+def test_an_mae_export_is_its_encoder_in_timms_layout(tmp_path: Path) -> None:
+    from pipeline.model.mae import MaskedAutoencoder
+
+    model, cfg = _ours()
+    mae = MaskedAutoencoder(**model.init_kwargs, decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    mae.load_state_dict({**mae.state_dict(), **model.state_dict()})
+    out = _export(mae, cfg, tmp_path / "mae")
+    meta = json.loads((out / "model.json").read_text())
+    decoder = [k for k in mae.state_dict() if k.startswith("decoder.")]
+    assert (
+        meta["layout"] == "timm"
+        and meta["left_out"] == f"{len(decoder)} decoder.* tensors (the MAE decoder; in the checkpoints)"
+    )
+    ours_again, _ = load_export(out)
+    assert ours_again.keys() == model.state_dict().keys()
+    assert all(torch.equal(ours_again[k], v) for k, v in model.state_dict().items())
+    timm_model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(timm_model(x), model(x), atol=1e-5, rtol=1e-5)
