@@ -36,6 +36,12 @@ Recompute (``model.recompute``, see ``ViT.set_recompute``) trades these for comp
   redoes one block's norms, GELU and masks on top: one block + 2e·sbh - what it keeps (the 2e·sbh:
   the projection outputs it keeps, which a plain block does not).
 
+A background checkpoint save (``checkpoint.async_save``) keeps a host-memory copy of each rank's
+checkpoint shards for the whole run (pipeline/train/staging.py): rank 0 holds the module weights
+(2Ψ or 4Ψ; none at stage 3, where the parameters live in the partitions) and every rank its
+partition of the fp32 master copy and Adam's moments, 12Ψ/N (at plain fp32 stage 0, rank 0 holds
+all of Adam's 8Ψ and the weights are the master copy).
+
 tests/launch/test_memory_plan.py checks each formula against the tensors autograd actually saves.
 """
 
@@ -184,6 +190,16 @@ def mae_activation_bytes(
     return encoder + mae.decoder_depth * decoder_block + outside
 
 
+def checkpoint_shard_bytes(num_params: int, *, stage: int, world_size: int, precision: str) -> tuple[int, int]:
+    """(rank 0's, each other rank's) bytes of checkpoint shards: what a background save stages in host memory."""
+    n = num_params
+    if stage == 0 and precision == "fp32":
+        return n * 4 + n * 8, 0  # one file on rank 0: weights (their own master copy) and Adam's moments
+    partition = round(n * 12 / world_size)  # fp32 master copy + Adam's moments, partitioned
+    weights = n * _STATE_BYTES[precision][0] if stage < 3 else 0
+    return weights + partition, partition
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     num_params: int
@@ -201,6 +217,8 @@ class MemoryPlan:
     recompute: str  # what the config asks for
     recompute_every: int
     gpu_mem_bytes: int  # 0: unknown
+    checkpoint_staging: tuple[int, int]  # host bytes a background save keeps: rank 0, any other rank
+    async_save: bool  # checkpoint.async_save
     note: str = ""  # what the objective changes (MAE: tokens the encoder sees, the decoder)
 
     @property
@@ -264,7 +282,10 @@ def memory_plan(cfg: Config, *, nodes: int, gpus_per_node: int) -> MemoryPlan:
         recompute_every=model.recompute_every,
         gpu_mem_bytes=round(cfg.launch.gpu_mem_gb * GiB),
         note=note,
-    )
+        checkpoint_staging=checkpoint_shard_bytes(num_params, stage=t.zero_stage, world_size=world,
+                                                  precision=t.precision),
+        async_save=cfg.checkpoint.async_save,
+    )  # fmt: skip
 
 
 def _size(n: float) -> str:
@@ -314,4 +335,15 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.on_gpu:
         total += "; add 1-3 GiB for the CUDA context, DeepSpeed buffers and fragmentation"
     lines.append(total)
+    lines.append(_staging_line(plan))
     return "\n".join(lines)
+
+
+def _staging_line(plan: MemoryPlan) -> str:
+    rank0, other = plan.checkpoint_staging
+    node0 = rank0 + (plan.ranks_per_node - 1) * other
+    held = "held in host memory" if plan.async_save else "would hold (checkpoint.async_save=true)"
+    return (
+        f"  background checkpoint saves {held}: {_size(rank0).strip()} on rank 0, {_size(other).strip()} "
+        f"on each other rank, {_size(node0).strip()} on node 0"
+    )

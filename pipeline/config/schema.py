@@ -289,6 +289,10 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: Literal["auto", "require"] = "auto"  # require: refuse to start without a checkpoint
     export_final: bool = True  # consolidated fp32 safetensors under <run_dir>/export
+    # Periodic saves: snapshot to host memory at the step, write and commit in the background
+    # (pipeline/train/saving.py). Off by default: it holds one checkpoint shard per rank in host
+    # memory for the whole run (`--dry-run` plans it). Saves on USR2/TERM and at the end stay synchronous.
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")

@@ -7,12 +7,13 @@ offline consolidation of a sharded checkpoint into one fp32 state dict.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -232,6 +233,44 @@ def save(engine: Engine, ckpt_dir: Path, tag: str) -> list[Path]:
     return written
 
 
+@contextmanager
+def _deferring(engine: Engine, snapshot: Callable[[Any, str], Any]) -> Iterator[list[tuple[Path, Callable[[], None]]]]:
+    """Each ``checkpoint_engine.save(state_dict, path)`` meanwhile becomes a snapshot plus a write for later."""
+    target = engine.checkpoint_engine
+    shadowed = "save" in vars(target)
+    original = target.save
+    writes: list[tuple[Path, Callable[[], None]]] = []
+
+    def save(state_dict: Any, path: str) -> None:
+        copy = snapshot(state_dict, os.path.basename(path))
+        writes.append((Path(path), functools.partial(original, copy, path)))
+
+    target.save = save
+    try:
+        yield writes
+    finally:
+        if shadowed:
+            target.save = original
+        else:
+            del target.save
+
+
+def save_deferred(
+    engine: Engine, ckpt_dir: Path, tag: str, snapshot: Callable[[Any, str], Any]
+) -> list[tuple[Path, Callable[[], None]]]:
+    """Collective like :func:`save`, but no shard is written yet: ``snapshot(state_dict, file_name)``
+    copies each one to host memory, and the returned ``(path, write)`` pairs write them later.
+
+    ``write()`` is DeepSpeed's own checkpoint engine (its serialization settings) run on the
+    snapshot, so the files, their names and layout are what :func:`save` writes; loading, the
+    universal conversion and zero_to_fp32 read them unchanged. Only small files are written now
+    (DeepSpeed's recovery-script copy on rank 0) and the tag's directories.
+    """
+    with _deferring(engine, snapshot) as writes:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    return writes
+
+
 def load(engine: Engine, ckpt_dir: Path, tag: str) -> None:
     """Collective load of ``tag``; any failure raises CheckpointError naming the file being read."""
     with _recording(engine, "load") as read:
@@ -245,12 +284,12 @@ def load(engine: Engine, ckpt_dir: Path, tag: str) -> None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
 
 
-def all_gather(obj: Any) -> list[Any]:
+def all_gather(obj: Any, group: Any = None) -> list[Any]:
     """Collective: every rank's ``obj``, in rank order, on every rank (a process outside a group is alone)."""
     if not torch.distributed.is_initialized():
         return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
+    out: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ from pipeline.train.lifecycle import Run, build_run, finish_run, resume_candidat
 from pipeline.train.metrics import Window, mfu
 from pipeline.train.metrics_log import MetricsLog
 from pipeline.train.recipe import set_lr
-from pipeline.train.saving import save_checkpoint
+from pipeline.train.saving import BackgroundSaves, SaveDone, save_checkpoint
 from pipeline.train.stage import Stage, pretraining
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Progress:
     window: Window = field(default_factory=Window)
     last_metrics: dict[str, float] = field(default_factory=dict)
     ckpt_bytes: int = 0  # one checkpoint's size: the last one written, or an estimate before it
+    background: BackgroundSaves = field(default_factory=BackgroundSaves)  # checkpoint.async_save
 
 
 def run(
@@ -151,11 +153,12 @@ def _train(r: Run, kill_wait_s: float) -> TrainResult:
             return _result(r, p, "terminated")
         every = r.cfg.checkpoint.every_steps
         if every and r.state.step % every == 0:
-            _save(r, p)
+            _save(r, p, background=r.cfg.checkpoint.async_save)
     if not r.cfg.train.eval_every or r.state.step % r.cfg.train.eval_every:
         _evaluate(r, p)
     if p.last_saved_step != r.state.step:
         _save(r, p)
+    _wait_for_background_save(r, p)  # the export and the launcher read the last checkpoint
     return _result(r, p, "completed")
 
 
@@ -237,6 +240,7 @@ def _on_skipped(r: Run, p: Progress) -> bool:
             f"non-finite loss/gradients again at {span} after rolling back once; lower optim.lr, raise "
             f"optim.warmup_steps, or switch train.precision (now {r.cfg.train.precision})"
         )
+    _wait_for_background_save(r, p)  # roll back to the newest checkpoint, as with synchronous saves
     info = resume_candidate(r.run_dir, r.env)  # collective: an intact checkpoint, agreed by all ranks
     if info is None:
         raise NonFiniteError(f"non-finite loss/gradients at {span} and no checkpoint to roll back to")
@@ -332,6 +336,7 @@ def _stop_on_terminate(r: Run, p: Progress, kill_wait_s: float) -> None:
     save (a max all-reduce), so every rank reaches the same verdict and the collective save either
     runs on all ranks or on none.
     """
+    _wait_for_background_save(r, p)  # it may be this very step's; the time it takes counts as elapsed
     last = -1.0 if p.last_save_s is None else p.last_save_s
     worst = torch.tensor([preemption.seconds_since_terminate(), last], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -347,20 +352,46 @@ def _stop_on_terminate(r: Run, p: Progress, kill_wait_s: float) -> None:
         log.warning("stopping on SIGTERM at step %d without a checkpoint: %s", step, decision.reason)
 
 
-def _save(r: Run, p: Progress) -> None:
+def _save(r: Run, p: Progress, *, background: bool = False) -> None:
+    """Save this step: synchronously, or (``background``) snapshot now and commit in the background.
+
+    Either way a save still in flight is committed first: one at a time, in step order.
+    """
+    _wait_for_background_save(r, p)
     _warn_space(r, p)
     t0 = time.perf_counter()
+    with _out_of_space_named(r, p, r.state.step):
+        if background:
+            p.background.start(r)
+        else:
+            _saved(r, p, SaveDone(save_checkpoint(r), time.perf_counter() - t0))
+    p.last_saved_step = r.state.step
+
+
+def _wait_for_background_save(r: Run, p: Progress) -> None:
+    if p.background.in_flight:
+        with _out_of_space_named(r, p, p.last_saved_step):
+            _saved(r, p, p.background.wait())
+
+
+def _saved(r: Run, p: Progress, done: SaveDone | None) -> None:
+    """Bookkeeping of a committed save: its full duration (the SIGTERM budget) and size."""
+    if done is not None:
+        p.last_save_s = done.seconds
+        p.ckpt_bytes = space.tree_bytes(done.tag_dir) if r.env.rank == 0 else p.ckpt_bytes
+
+
+@contextmanager
+def _out_of_space_named(r: Run, p: Progress, step: int) -> Iterator[None]:
+    """A full disk while saving ``step`` becomes an error that says what to free or change."""
     try:
-        tag_dir = save_checkpoint(r)
+        yield
     except (OSError, RuntimeError) as e:
         ckpt_dir = ckpt.checkpoints_dir(r.run_dir)
         if space.is_out_of_space(e, ckpt_dir, p.ckpt_bytes):
-            tag_dir = ckpt_dir / ckpt.tag_for(r.state.step)
-            raise space.out_of_space_error(tag_dir, r.state.step, r.cfg.checkpoint.keep_last, e) from e
+            tag_dir = ckpt_dir / ckpt.tag_for(step)
+            raise space.out_of_space_error(tag_dir, step, r.cfg.checkpoint.keep_last, e) from e
         raise
-    p.last_save_s = time.perf_counter() - t0
-    p.last_saved_step = r.state.step
-    p.ckpt_bytes = space.tree_bytes(tag_dir) if r.env.rank == 0 else p.ckpt_bytes
 
 
 def _checkpoint_bytes(r: Run) -> int:

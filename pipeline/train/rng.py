@@ -31,10 +31,11 @@ def capture() -> dict[str, Any]:
     return state
 
 
-def save(tag_dir: Path, rank: int) -> Path:
-    """Write this rank's states into the checkpoint ``tag_dir``; returns the file (for its checksum)."""
+def save(tag_dir: Path, rank: int, state: dict[str, Any] | None = None) -> Path:
+    """Write this rank's states (now, or ``state`` captured earlier) into the checkpoint ``tag_dir``;
+    returns the file (for its checksum)."""
     path = rng_file(tag_dir, rank)
-    torch.save(capture(), path)
+    torch.save(capture() if state is None else state, path)
     return path
 
 

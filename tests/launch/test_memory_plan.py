@@ -195,3 +195,23 @@ def test_mae_vit_b16_plan_counts_a_quarter_of_the_tokens_and_the_decoder() -> No
     # The encoder's blocks keep ~1/4 of the classifier's, but MAE's 8-block decoder on all 197 tokens
     # (width 512) keeps about as much again: ~0.73 of the classifier in all.
     assert 0.7 < ratio < 0.75, ratio
+
+
+def test_background_saves_plan_each_ranks_shards_in_host_memory() -> None:
+    """The formula against DeepSpeed's files: tests/train/test_training.py (the async kill test)."""
+    b16 = [*VARIANTS[1], "train.precision=bf16", "checkpoint.async_save=true"]
+    n = count_params(load_config(None, b16).model)
+    by_stage = {
+        stage: memory_plan(load_config(None, [*b16, f"train.zero_stage={stage}"]), nodes=2, gpus_per_node=8)
+        for stage in (1, 3)
+    }
+    assert by_stage[1].checkpoint_staging == (
+        2 * n + round(12 * n / 16),
+        round(12 * n / 16),
+    )  # 16-bit weights on rank 0
+    assert by_stage[3].checkpoint_staging == (round(12 * n / 16),) * 2  # stage 3: the weights are partitioned too
+    rank0, other = by_stage[1].checkpoint_staging
+    assert f"held in host memory: {rank0 / 2**20:.2f} MiB on rank 0" in format_plan(by_stage[1])
+    assert f"{(rank0 + 7 * other) / 2**20:.2f} MiB on node 0" in format_plan(by_stage[1])
+    fp32 = memory_plan(load_config(None, [*VARIANTS[1], "train.zero_stage=0"]), nodes=1, gpus_per_node=8)
+    assert fp32.checkpoint_staging == (12 * n, 0) and "would hold (checkpoint.async_save=true)" in format_plan(fp32)

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -102,3 +104,28 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"training failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
+
+
+def assert_same_state(a: object, b: object, where: str = "") -> None:
+    """Two loaded checkpoint files hold the same thing: types, values, dtypes, and for each tensor its
+    storage size, offset and strides (the layout DeepSpeed's readers see; legacy ``torch.save`` files
+    differ in bytes between two saves of one object, as storages are keyed by their address)."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.stride(), a.storage_offset()) == (b.dtype, b.shape, b.stride(), b.storage_offset())
+        assert a.untyped_storage().nbytes() == b.untyped_storage().nbytes(), where
+        assert a.requires_grad == b.requires_grad and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)) and not isinstance(a, torch.Size):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}/{i}")
+    elif isinstance(a, np.ndarray):  # NumPy's generator state
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
+    elif hasattr(a, "__dict__") and type(a).__eq__ is object.__eq__:  # e.g. DeepSpeed's loss scaler
+        assert_same_state(vars(a), vars(b), where)
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

@@ -10,14 +10,29 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
+import signal
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.conftest import assert_ok, kill_group, losses, metrics, start_training, train, wait_for
+from launch.memory_plan import memory_plan
+from pipeline.config import load_config
+from tests.train.conftest import (
+    SMOKE,
+    assert_ok,
+    assert_same_state,
+    kill_group,
+    losses,
+    metrics,
+    start_training,
+    train,
+    wait_for,
+)
 
 STEPS = 20  # 360 train samples / 32 per step: the run crosses an epoch boundary at step 11
 
@@ -63,32 +78,86 @@ def test_each_zero_stage_learns(stage: int, reference: Path, synthetic_shards: P
 
 
 @pytest.mark.timeout(600)  # includes the reference run (fixture); 300 s ran out on a loaded 2-core machine
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_kill_mid_checkpoint_then_resume_is_bit_identical(
-    reference: Path, synthetic_shards: Path, tmp_path: Path
+    async_save: bool, reference: Path, synthetic_shards: Path, tmp_path: Path
 ) -> None:
-    run_dir = tmp_path / "killed"
-    # The last rank stalls after writing its step-20 shards; SIGKILL the job inside that window.
+    run_dir, ckpts = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    extra = ["train.zero_stage=2", f"checkpoint.async_save={str(async_save).lower()}"]
+    # The last rank stalls after writing its shards of step `held` (a background save: its writer
+    # thread stalls while training goes on); SIGKILL the job inside that window.
+    held, previous = (15, 10) if async_save else (20, 15)
     job = start_training(
-        2, overrides(synthetic_shards, run_dir, "train.zero_stage=2"), env={"PIPELINE_TEST_SAVE_PAUSE": "60@20"},
+        2, overrides(synthetic_shards, run_dir, *extra), env={"PIPELINE_TEST_SAVE_PAUSE": f"60@{held}"},
         log=tmp_path / "killed.log",
     )  # fmt: skip
-    partial = run_dir / "checkpoints" / "step_00000020"
-    wait_for(lambda: (partial / "trainer_state.json").exists(), 180, "the step-20 save to start")
+    partial = ckpts / f"step_{held:08d}"
+    wait_for(lambda: (partial / "trainer_state.json").exists(), 180, f"the step-{held} save to start")
+    if async_save:  # training went on while the save was being written
+        went_on = f"step {held + 2}/{STEPS} | loss"
+        wait_for(lambda: went_on in (tmp_path / "killed.log").read_text(), 120, "training to go on past the save")
     kill_group(job)
     assert not (partial / "COMMITTED").exists()
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000015"
+    assert (ckpts / "latest").read_text() == f"step_{previous:08d}"
+    if async_save:  # a background save writes what a synchronous one writes (the reference's)
+        for f in sorted((ckpts / "step_00000010").glob("*.pt")):
+            a, b = (
+                torch.load(d / "step_00000010" / f.name, weights_only=False) for d in (reference / "checkpoints", ckpts)
+            )
+            assert_same_state(a, b, f.name)
+        _assert_staging_planned(ckpts / "step_00000010", overrides(synthetic_shards, run_dir, *extra))
 
-    resumed = train(2, overrides(synthetic_shards, run_dir, "train.zero_stage=2"))
+    resumed = train(2, overrides(synthetic_shards, run_dir, *extra))
     assert_ok(resumed)
-    assert "resumed from" in resumed.stdout and "step_00000015" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"step_{previous:08d}" in resumed.stdout
     ref, got = losses(reference), losses(run_dir)
-    assert [got[s] for s in range(16, 21)] == [ref[s] for s in range(16, 21)]  # exact equality
-    # The killed attempt's lines for steps 16-20 were superseded by the resumed run's: one line each.
+    assert [got[s] for s in range(previous + 1, 21)] == [ref[s] for s in range(previous + 1, 21)]  # exact equality
+    # The killed attempt's lines for the later steps were superseded by the resumed run's: one line each.
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in lines if "train/loss" in rec] == list(range(1, STEPS + 1))
     a, b = weights(reference), weights(run_dir)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    if async_save:
+        assert sorted(p.name for p in ckpts.glob("step_*") if (p / "COMMITTED").exists()) == [
+            "step_00000010", "step_00000015", "step_00000020"
+        ]  # fmt: skip
+
+
+def _assert_staging_planned(tag_dir: Path, overrides: list[str]) -> None:
+    """`--dry-run`'s host memory for background saves is the shards each rank wrote (within 5 %)."""
+    marker = json.loads((tag_dir / "COMMITTED").read_text())
+    writers, sizes = marker["checksums"]["writers"], marker["files"]
+    shards = [
+        sum(n for f, n in sizes.items() if writers.get(f) == rank and f.endswith("_states.pt")) for rank in (0, 1)
+    ]
+    plan = memory_plan(load_config(SMOKE, overrides), nodes=2, gpus_per_node=0)
+    assert shards == pytest.approx(list(plan.checkpoint_staging), rel=0.05)
+
+
+@pytest.mark.timeout(300)
+def test_usr2_save_waits_for_the_background_save_in_flight(synthetic_shards: Path, tmp_path: Path) -> None:
+    run_dir, ckpts = tmp_path / "usr2", tmp_path / "usr2" / "checkpoints"
+    extra = ["checkpoint.async_save=true", "checkpoint.every_steps=4", "checkpoint.export_final=false"]
+    # The step-4 background save is held 15 s; USR2 arrives meanwhile, and its save must wait for it.
+    job = start_training(
+        2, overrides(synthetic_shards, run_dir, *extra), env={"PIPELINE_TEST_SAVE_PAUSE": "15@4"},
+        log=tmp_path / "usr2.log",
+    )  # fmt: skip
+    wait_for(lambda: (ckpts / "step_00000004" / "trainer_state.json").exists(), 180, "the step-4 save to start")
+    ranks = [c for c in psutil.Process(job.pid).children(recursive=True) if "pipeline.train" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR2)
+    job.wait(timeout=120)
+    log = (tmp_path / "usr2.log").read_text()
+    saved = re.search(r"saved step (\d+) on the pre-timeout signal", log)
+    assert saved, log[-4000:]
+    step = int(saved.group(1))
+    assert step > 4
+    markers = [json.loads((ckpts / f"step_{s:08d}" / "COMMITTED").read_text()) for s in (4, step)]
+    assert markers[0]["committed_at"] < markers[1]["committed_at"]  # the in-flight save was committed first
+    assert (ckpts / "latest").read_text() == f"step_{step:08d}"
 
 
 # torch.compile (inductor) reorders and fuses float arithmetic: the same run, not the same bits.
