@@ -44,6 +44,7 @@ from launch.executor import (  # noqa: E402
 from launch.memory_plan import format_plan, memory_plan  # noqa: E402
 from pipeline.config import Config, ConfigError, dump_config, load_config  # noqa: E402
 from pipeline.tracking.server import read_server_url  # noqa: E402
+from pipeline.tracking.tags import SOURCE_ENV, source_name  # noqa: E402
 from pipeline.train import lease  # noqa: E402
 
 EXAMPLES = """\
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    os.environ[SOURCE_ENV] = source_name("launch/submit.py", args.config)  # the job inherits it: MLflow's Source
     try:
         choice = choose_executor(cfg)
         print(f"executor: {choice.kind} ({choice.reason})")

@@ -21,8 +21,14 @@ key                       unit                                             logge
 ``eval/loss``             mean loss over the val split (as train/loss)     the stage's evaluate (train/loop.py)
 ``eval/knn_top1``         fraction of val images whose 20 nearest train    mae/stage.py (labeled data only)
                           images (encoder features, cosine) vote right
+``eval/best_top1``        the best eval/top1 so far (a fine-tune's         finetune/best.py, when it improves
+                          export/best holds its weights)
 ``system/...``            MLflow's system metrics (``system/<node>/...``)  tracking/backend.py (MLflow's monitor)
 ========================  ===============================================  ==================================
+
+Counters that stay zero in a healthy run (``data/skipped_*``, ``train/skipped_steps``) reach MLflow
+only from their first non-zero value on (tracking/tracker.py): five flat zero charts would push the
+loss and top-1 off the UI's first screen. ``metrics.jsonl`` has them at every logged step.
 
 The same names go to both local records of a run, which are two files on purpose:
 ``<run_dir>/metrics.jsonl`` (train/metrics_log.py: rank 0's plain per-step record, written with
@@ -54,12 +60,17 @@ EVAL_TOP1 = "eval/top1"
 EVAL_TOP5 = "eval/top5"
 EVAL_LOSS = "eval/loss"
 EVAL_KNN_TOP1 = "eval/knn_top1"
+EVAL_BEST_TOP1 = "eval/best_top1"
 
 SYSTEM_PREFIX = "system/"
 
 # The headline metrics, named the same in pretraining and fine-tuning so runs of both stages line up
 # in the MLflow UI and in `launch/compare.py`.
 HEADLINE_METRICS: tuple[str, ...] = (EVAL_TOP1, EVAL_LOSS, TRAIN_LOSS, TRAIN_IMG_PER_S, TRAIN_MFU)
+
+
+# Key prefixes the tracker leaves out of MLflow while their value is zero (see the module doc).
+QUIET_WHILE_ZERO: tuple[str, ...] = (DATA_SKIPPED_PREFIX, TRAIN_SKIPPED_STEPS)
 
 
 def data_skipped(kind: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from pipeline import metric_names as mn
 from pipeline.config import config_to_dict
 from pipeline.train import engine as ds
 from pipeline.train.export import write_export
@@ -29,4 +30,6 @@ def export_best(r: Run, top1: float) -> None:
             source=f"best eval/top1={top1:.4f}", run_id=r.tracker.run_id, data=config_to_dict(r.cfg.data),
         )  # fmt: skip
         log.info("new best eval/top1 %.4f at step %d: exported to %s", top1, r.state.step, out)
+        # A metric, so the runs table sorts by it; the tags stay for readers of the run's tags.
+        r.tracker.log_metrics({mn.EVAL_BEST_TOP1: top1}, r.state.step)
         r.tracker.set_tags({"best_top1": f"{top1:.4f}", "best_step": str(r.state.step)})

@@ -31,4 +31,5 @@ class FineTune(Classification):
     def tags(self) -> dict[str, str]:
         if self.report is None:  # resumed: the first start tagged the run
             return {}
-        return {**pretrain_tags(self.cfg.finetune.init_from), **report_tags(self.report)}
+        r = self.report
+        return {**pretrain_tags(self.cfg.finetune.init_from, loaded=r.source, step=r.step), **report_tags(r)}

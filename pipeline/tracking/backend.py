@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline.metric_names import SYSTEM_PREFIX
 from pipeline.tracking.state import Record
+from pipeline.tracking.tags import EXPERIMENT_TAGS
 from pipeline.tracking.uris import is_remote
 
 log = logging.getLogger(__name__)
@@ -133,14 +134,24 @@ class Store:
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            self._tag_kind(exp)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+            return self.client.create_experiment(
+                name, artifact_location=self._artifact_location(name), tags=EXPERIMENT_TAGS
+            )
         except MlflowException:
             exp = self.client.get_experiment_by_name(name)  # another job created it meanwhile
             if exp is None:
                 raise
             return exp.experiment_id
+
+    def _tag_kind(self, exp: Any) -> None:
+        """An experiment made before its kind was set (or by ``mlflow`` itself) gets it now; a kind
+        that someone chose in the UI stays."""
+        missing = {k: v for k, v in EXPERIMENT_TAGS.items() if k not in exp.tags}
+        for key, value in missing.items():
+            self.client.set_experiment_tag(exp.experiment_id, key, value)
 
     def _artifact_location(self, experiment: str) -> str | None:
         """Local stores keep artifacts beside the database (MLflow's default is ./mlruns under the
@@ -186,6 +197,8 @@ class Store:
             if not path.exists():
                 raise Rejected(f"artifact {path} no longer exists")
             self.client.log_artifact(run_id, str(path), group[0].get("dir"))
+        elif kind == "i":
+            self.client.log_inputs(run_id, datasets=[_dataset_input(d) for d in group[0]["v"]])
         elif kind == "end":
             self.client.set_terminated(run_id, group[0]["status"], end_time=group[0]["ts"])
         else:
@@ -202,19 +215,25 @@ class Store:
             )
 
 
+def _dataset_input(d: dict[str, Any]) -> DatasetInput:
+    """A dataset record (``datasets.DatasetInput.to_record``) as MLflow's entity."""
+    dataset = Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d.get("profile"))
+    return DatasetInput(dataset, tags=[InputTag(k, v) for k, v in d.get("tags", {}).items()])
+
+
 def _clip_tags(tags: dict[str, str]) -> dict[str, str]:
     return {k: str(v)[:MAX_TAG_LEN] for k, v in tags.items()}
 
 
 def plan_requests(records: list[Record]) -> list[list[Record]]:
     """Split records into requests, keeping their order: runs of metric/param/tag records fill
-    one ``log_batch`` up to MLflow's limits; an artifact or the end of the run goes alone."""
+    one ``log_batch`` up to MLflow's limits; an artifact, dataset inputs or the end of the run goes alone."""
     groups: list[list[Record]] = []
     cur: list[Record] = []
     n_m = n_p = n_g = 0
     for r in records:
         kind = r["t"]
-        if kind in ("a", "end"):
+        if kind in ("a", "i", "end"):
             if cur:
                 groups.append(cur)
             groups.append([r])

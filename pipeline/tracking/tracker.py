@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config.schema import TrackingConfig
+from pipeline.metric_names import QUIET_WHILE_ZERO
 from pipeline.tracking import state as st
+from pipeline.tracking.datasets import DatasetInput
 from pipeline.tracking.delivery import Delivery, reason
 from pipeline.tracking.state import read_tracking_state
 from pipeline.tracking.uris import check_uri, default_tracking_uri, is_remote
@@ -56,6 +58,9 @@ class Tracker:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file (read when delivered: keep it until the tracker is closed)."""
+
+    def log_datasets(self, inputs: list[DatasetInput]) -> None:
+        """Record the data set splits the run reads as MLflow dataset inputs (idempotent per run)."""
 
     def log_history_plot(self) -> None:
         """Render the loss/accuracy PNG from every metric logged so far and upload it."""
@@ -177,6 +182,7 @@ class WriterTracker(Tracker):
         self._logged: list[dict[str, Any]] = []  # this incarnation's metric records, for the plot
         self._closed = False
         self._undelivered = 0
+        self._nonzero: set[str] = set()  # QUIET_WHILE_ZERO keys that were non-zero once: sent from then on
         self.log_params(params)
         self._delivery.start()
         atexit.register(self._at_exit)
@@ -222,11 +228,21 @@ class WriterTracker(Tracker):
         if self._closed:
             return
         floors = self._floors
-        values = {k: float(v) for k, v in metrics.items() if step > floors.get(k, -1)}
+        values = {k: float(v) for k, v in metrics.items() if step > floors.get(k, -1) and not self._quiet(k, v)}
         if values:
             record = {"t": "m", "step": int(step), "ts": int(time.time() * 1000), "v": values}
             self._logged.append(record)
             self._accept(record)
+
+    def _quiet(self, key: str, value: float) -> bool:
+        """A counter zero so far is not sent: its flat chart would crowd the UI's first screen. From
+        its first non-zero value on it is sent at every step (a resume restores its count)."""
+        if not key.startswith(QUIET_WHILE_ZERO) or key in self._nonzero:
+            return False
+        if value != 0:
+            self._nonzero.add(key)
+            return False
+        return True
 
     def log_params(self, params: dict[str, object]) -> None:
         if params and not self._closed:
@@ -239,6 +255,10 @@ class WriterTracker(Tracker):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self._closed:
             self._accept({"t": "a", "path": str(Path(path).resolve()), "dir": artifact_path})
+
+    def log_datasets(self, inputs: list[DatasetInput]) -> None:
+        if inputs and not self._closed:
+            self._accept({"t": "i", "v": [d.to_record() for d in inputs]})
 
     def rolled_back(self, to_step: int, from_step: int | None = None) -> None:
         if self._closed:

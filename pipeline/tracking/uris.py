@@ -50,13 +50,24 @@ def check_uri(uri: str, tracking: TrackingConfig) -> None:
         )
 
 
+# MLflow 3.17's UI shows an experiment in its GenAI view (traces, judges) unless the URL asks for
+# model training; the choice then sticks in the browser. The experiment tag mlflow.experimentKind
+# (tracking/tags.py) says the same to UIs that read it.
+UI_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def ui_runs_url(base_url: str, experiment_id: str) -> str:
     """The runs table of one experiment (``#/experiments/<id>`` alone opens an overview page)."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_TRAINING_VIEW}"
+
+
+def ui_run_path(experiment_id: str, run_id: str) -> str:
+    """A run's page relative to the UI (a link in a run's description opens it in the same UI)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{UI_TRAINING_VIEW}"
 
 
 def ui_run_url(base_url: str, experiment_id: str, run_id: str) -> str:
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base_url.rstrip('/')}/{ui_run_path(experiment_id, run_id)}"
 
 
 def ui_compare_url(base_url: str, run_ids: list[str], experiment_ids: list[str]) -> str:

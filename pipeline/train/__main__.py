@@ -6,9 +6,11 @@ Works under torchrun, the deepspeed launcher, `srun`, launch/submit.py, or as on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.config import ConfigError, load_config
+from pipeline.tracking.tags import SOURCE_ENV, source_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # The ranks of this job name their source in MLflow (a job of launch/submit.py already has it).
+    os.environ.setdefault(SOURCE_ENV, source_name("python -m pipeline.train", args.config))
     from pipeline.stages import stage_for  # the entry point picks the stage: the engine imports none
     from pipeline.train import run
 

@@ -25,6 +25,7 @@ from pipeline.data import TrainLoader, ValLoader, build_loader, build_val_loader
 from pipeline.logs import setup_logging
 from pipeline.model import ViT, forward_macs
 from pipeline.tracking import Tracker, experiment_for, open_tracker, run_name_for, run_tags
+from pipeline.tracking.datasets import DatasetInput, split_inputs
 from pipeline.train import engine as ds
 from pipeline.train import lease as run_lease
 from pipeline.train import rng
@@ -171,6 +172,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
     if env.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_datasets(_dataset_inputs(cfg, evaluates=val_loader is not None))
     return Run(
         cfg=cfg, env=env, device=device, dtype=dtype, plan=plan, run_dir=run_dir, stage=stage, engine=engine,
         train_loader=train_loader, val_loader=val_loader, tracker=tracker, state=state, resumed=info is not None,
@@ -339,6 +341,19 @@ def _tracker(
     if role == "node":
         tracker = open_tracker(cfg.tracking, run_dir=run_dir, run_id=run_id[0], role="node", **kwargs)
     return tracker
+
+
+def _dataset_inputs(cfg: Config, *, evaluates: bool) -> list[DatasetInput]:
+    """The shard index as the run's MLflow dataset inputs: its train split, and its val split when the
+    run evaluates; each named after the data set, its digest the split's fingerprint."""
+    index = read_index(cfg.data.path)
+    where = index.location.resolve()
+    splits = {name: (index.fingerprint(name), info.samples) for name, info in index.splits.items()}
+    return split_inputs(
+        name=where.stem if where.is_file() else where.name, source=str(where), splits=splits,
+        train_split=cfg.data.train_split, val_split=cfg.data.val_split if evaluates else None,
+        num_classes=index.num_classes,
+    )  # fmt: skip
 
 
 def finish_run(r: Run, status: str, *, within_s: float | None = None) -> None:

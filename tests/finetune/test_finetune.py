@@ -16,18 +16,19 @@ from pipeline.finetune import FinetuneError, init_from_pretrained
 from pipeline.model import ViT
 from pipeline.model.convert import to_timm
 from pipeline.tracking import find_run
+from pipeline.tracking.uris import ui_run_path
 from tests.train.conftest import REPO, assert_ok, metrics, train
 
 DIGITS = REPO / "configs" / "finetune" / "digits.yaml"
 
 
 @pytest.fixture(scope="module")
-def pretrained(synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ZeRO-3 pretraining run of the default tiny ViT, tracked in a local store under its root."""
+def pretrained(synthetic_shards: Path, mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ZeRO-3 pretraining run of the default tiny ViT, tracked on a real MLflow server."""
     run_dir = tmp_path_factory.mktemp("ft") / "pretrain"
     proc = train(2, [f"data.path={synthetic_shards}", f"train.run_dir={run_dir}", "train.steps=10",
-                     "train.zero_stage=3", "checkpoint.every_steps=5", "tracking.system_metrics=false"],
-                 config=None)  # fmt: skip
+                     "train.zero_stage=3", "checkpoint.every_steps=5", "tracking.system_metrics=false",
+                     f"tracking.uri={mlflow_server.url}"], config=None)  # fmt: skip
     assert_ok(proc)
     return run_dir
 
@@ -111,11 +112,11 @@ def test_bad_sources_are_refused_before_training(pretrained: Path, tmp_path: Pat
 
 @pytest.mark.timeout(300)
 def test_finetune_on_digits_learns_and_links_the_pretrain_run(
-    pretrained: Path, digits_shards: Path, tmp_path: Path
+    pretrained: Path, digits_shards: Path, mlflow_server, tmp_path: Path
 ) -> None:
-    run_dir = pretrained.parent / "digits_ft"  # same root: the same local MLflow store
+    run_dir = pretrained.parent / "digits_ft"
     proc = train(2, [f"finetune.init_from={pretrained}", f"data.path={digits_shards}", f"train.run_dir={run_dir}",
-                     "tracking.system_metrics=false"], config=DIGITS)  # fmt: skip
+                     "tracking.system_metrics=false", f"tracking.uri={mlflow_server.url}"], config=DIGITS)  # fmt: skip
     assert_ok(proc)
     assert "fine-tune init from" in proc.stdout and "re-initialised ['head.bias', 'head.weight']" in proc.stdout
     top1 = {s: m["eval/top1"] for s, m in metrics(run_dir).items() if "eval/top1" in m}
@@ -126,3 +127,9 @@ def test_finetune_on_digits_learns_and_links_the_pretrain_run(
     ft, pre = find_run(run_dir), find_run(pretrained)
     assert ft.tags["pretrain.run_id"] == pre.run_id
     assert ft.experiment == "finetune" and ft.tags["finetune.init_kind"] == "checkpoint"
+    # The step dir loaded is named explicitly, and the description links the pretrain run's page.
+    step_dir = str(pretrained / "checkpoints" / "step_00000010")
+    assert ft.tags["pretrain.step_dir"] == ft.tags["pretrain.checkpoint"] == ft.tags["finetune.init_from"] == step_dir
+    assert ft.tags["pretrain.step"] == "10"
+    assert f"]({ui_run_path(pre.experiment_id, pre.run_id)})" in ft.tags["mlflow.note.content"]
+    assert ft.metrics["eval/best_top1"] == pytest.approx(max(top1.values()))  # a metric: the runs table sorts by it

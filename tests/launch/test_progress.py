@@ -79,7 +79,7 @@ def test_status_of_a_running_job_shows_step_eta_log_and_run(tmp_path: Path) -> N
     assert f"job {sleeper.pid} (local, 1 node(s) x 2 tasks): RUNNING" in out.stdout
     # 170 steps left at 0.5 s per step.
     assert "progress: step 30/200, loss 1.7000, 320.0 img/s, ETA 1m25s" in out.stdout
-    assert "MLflow run: http://127.0.0.1:5999/#/experiments/7/runs/abc123" in out.stdout
+    assert "MLflow run: http://127.0.0.1:5999/#/experiments/7/runs/abc123?workflowType=machine_learning" in out.stdout
     assert f"rank 0 log: {run_dir / 'submitit' / str(sleeper.pid) / f'{sleeper.pid}_0_log.out'}" in out.stdout
 
 

@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import TrackingConfig, flatten, load_config
-from pipeline.tracking import find_run, open_tracker, run_name_for, ui_compare_url, ui_runs_url
+from pipeline.tracking import (
+    find_run,
+    open_tracker,
+    pretrain_tags,
+    run_name_for,
+    ui_compare_url,
+    ui_run_url,
+    ui_runs_url,
+)
+from pipeline.tracking.datasets import split_inputs
+from pipeline.tracking.tags import SOURCE_ENV, source_name, source_tags
 from tests.fixtures.mlflow_server import MlflowTestServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +48,15 @@ class SmokeRuns:
     names: list[str]
     run_ids: list[str]
     experiment_id: str
+    finetunes: dict[str, str]  # fine-tune run name -> run id, one per smoke run (same order)
+
+
+SOURCE = source_name("python -m pipeline.train", "configs/smoke.yaml")
+# The shard index the smoke runs read, as the engine describes it (train/lifecycle.py).
+DATASET = split_inputs(
+    name="synthetic", source="/data/synthetic", train_split="train", val_split="val", num_classes=10,
+    splits={"train": ("0123456789abcdef", 512), "val": ("fedcba9876543210", 64)},
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +71,58 @@ def smoke_runs(mlflow_server: MlflowTestServer, tmp_path_factory: pytest.TempPat
         tracking = TrackingConfig(uri=mlflow_server.url, system_metrics=False)
         run_dir = root / name
         tracker = open_tracker(
-            tracking, run_dir=run_dir, experiment="smoke", run_name=name, params=flatten(cfg), tags={"zero_stage": "2"}
-        )
+            tracking, run_dir=run_dir, experiment="smoke", run_name=name, params=flatten(cfg),
+            tags={"zero_stage": "2", **source_tags({"USER": "smoke-user", SOURCE_ENV: SOURCE})},
+        )  # fmt: skip
         for step in range(1, 11):
             tracker.log_metrics({"train/loss": 2.5 - step * float(lr) * 50, "train/img_per_s": 800.0 + step}, step)
             tracker.log_metrics({"train/mfu": 0.25}, step)
         tracker.log_metrics({"eval/top1": top1, "eval/loss": 1.0 / top1}, 10)
+        tracker.log_datasets(DATASET)
         tracker.close()
         run_dirs.append(run_dir)
         names.append(name)
         run_ids.append(tracker.run_id)
-    return SmokeRuns(mlflow_server, run_dirs, names, run_ids, find_run(run_dirs[0]).experiment_id)
+    return SmokeRuns(mlflow_server, run_dirs, names, run_ids, find_run(run_dirs[0]).experiment_id,
+                     _finetunes(mlflow_server, root, run_dirs))  # fmt: skip
+
+
+def _finetunes(server: MlflowTestServer, root: Path, pretrain_dirs: list[Path]) -> dict[str, str]:
+    """A fine-tune of each smoke run, tagged as the fine-tune stage tags it (the pretrain link, the
+    step dir loaded), logging ``eval/best_top1`` as finetune/best.py does. Made in the order that
+    MLflow's default (newest first) is not the order by best top-1."""
+    out = {}
+    for pretrain_dir, best in zip(pretrain_dirs, (0.75, 0.875), strict=True):
+        name = f"ft-{pretrain_dir.name}"
+        step_dir = pretrain_dir / "checkpoints" / "step_00000010"
+        tracker = open_tracker(
+            TrackingConfig(uri=server.url, system_metrics=False), run_dir=root / name, experiment="smoke",
+            run_name=name, tags=pretrain_tags(pretrain_dir, loaded=step_dir, step=10),
+        )  # fmt: skip
+        for step, top1 in ((20, best - 0.125), (40, best)):
+            tracker.log_metrics({"eval/top1": top1, "eval/best_top1": top1}, step)
+        tracker.close()
+        out[name] = tracker.run_id
+    return out
+
+
+def test_runs_carry_their_dataset_and_fine_tunes_link_their_pretrain_run(smoke_runs: SmokeRuns) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(smoke_runs.server.url)
+    inputs = client.get_run(smoke_runs.run_ids[0]).inputs.dataset_inputs
+    assert sorted((d.dataset.name, d.dataset.digest, d.tags[0].value) for d in inputs) == [
+        ("synthetic", "0123456789abcdef", "training"), ("synthetic", "fedcba9876543210", "evaluation"),
+    ]  # fmt: skip
+    ft = client.get_run(smoke_runs.finetunes[f"ft-{smoke_runs.names[0]}"])
+    step_dir = str(smoke_runs.run_dirs[0] / "checkpoints" / "step_00000010")
+    assert ft.data.tags["pretrain.run_id"] == smoke_runs.run_ids[0]
+    assert ft.data.tags["pretrain.step_dir"] == ft.data.tags["pretrain.checkpoint"] == step_dir
+    link = f"[{smoke_runs.names[0]}](#/experiments/{smoke_runs.experiment_id}/runs/{smoke_runs.run_ids[0]}?"
+    assert link in ft.data.tags["mlflow.note.content"]
+    assert ft.data.metrics["eval/best_top1"] == 0.75
+    kind = client.get_experiment(smoke_runs.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
 
 
 def test_smoke_runs_are_named_from_their_overrides(smoke_runs: SmokeRuns) -> None:
@@ -160,3 +220,58 @@ def test_mlflow_ui_shows_both_runs_and_the_compare_page(smoke_runs: SmokeRuns, c
             browser.close()
     assert shot.stat().st_size > 20_000
     print(f"screenshots: {shot} and {ARTIFACTS / 'mlflow_runs.png'}")
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(300)  # four page loads and a new tab on a loaded 2-core machine (the fixture's runs too)
+def test_mlflow_ui_sorts_by_best_top1_shows_the_dataset_and_opens_the_pretrain_run(
+    smoke_runs: SmokeRuns, chromium: str
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    base, exp = smoke_runs.server.url, smoke_runs.experiment_id
+    by_best = ui_runs_url(base, exp) + "&orderByKey=metrics.%60eval%2Fbest_top1%60&orderByAsc=false"
+    ft_names = list(smoke_runs.finetunes)  # made in this order; best top-1 0.75, then 0.875
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(by_best)
+            rows = [page.get_by_text(name, exact=True).first for name in ft_names]
+            for row in rows:
+                row.wait_for(state="visible", timeout=60_000)
+            first, second = (row.bounding_box()["y"] for row in rows)
+            assert second < first, "sorted by eval/best_top1 (descending), the 0.875 fine-tune comes first"
+            # The model-training view (not GenAI's traces and judges): its sidebar has the model registry.
+            assert page.get_by_text("Model registry", exact=True).first.is_visible()
+            assert page.get_by_text("Judges", exact=True).count() == 0
+            page.screenshot(path=ARTIFACTS / "mlflow_runs_by_best_top1.png")
+
+            page.goto(ui_run_url(base, exp, smoke_runs.run_ids[0]))
+            page.get_by_text(smoke_runs.names[0], exact=True).first.wait_for(state="visible", timeout=60_000)
+            page.get_by_text("synthetic", exact=False).first.wait_for(state="visible", timeout=60_000)
+            body = page.inner_text("body")
+            assert re.search(r"synthetic \(0123456789abcdef\)\s*Training", body), "the train split's dataset input"
+            assert re.search(r"Source\s*python -m pipeline\.train --config\s+configs/smoke\.yaml", body)
+            assert re.search(r"Created by\s*smoke-user", body)
+            page.screenshot(path=ARTIFACTS / "mlflow_run_dataset.png")
+
+            # Logged model (issue 15): the MLflow-model helper asserts the run page's model box here.
+
+            ft_id = smoke_runs.finetunes[ft_names[0]]
+            page.goto(ui_run_url(base, exp, ft_id))
+            link = page.get_by_role("link", name=smoke_runs.names[0], exact=True).first
+            link.wait_for(state="visible", timeout=60_000)
+            page.screenshot(path=ARTIFACTS / "mlflow_finetune_note.png")
+            # The UI's markdown opens links in a new tab; either way the pretrain run's page must come up.
+            with page.context.expect_page(timeout=60_000) as opened:
+                link.click()
+            pretrain = opened.value
+            pretrain.set_viewport_size({"width": 1600, "height": 1000})
+            pretrain.get_by_text(smoke_runs.run_ids[0]).first.wait_for(state="visible", timeout=60_000)
+            assert f"/runs/{smoke_runs.run_ids[0]}" in pretrain.url
+            assert pretrain.get_by_text(smoke_runs.names[0], exact=True).first.is_visible()
+            pretrain.screenshot(path=ARTIFACTS / "mlflow_pretrain_from_link.png")
+        finally:
+            browser.close()

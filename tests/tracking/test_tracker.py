@@ -194,3 +194,46 @@ raise RuntimeError("the training loop crashed")
 def test_tracking_config_rejects_bad_retry_interval() -> None:
     with pytest.raises(ConfigError, match=r"tracking.retry_s must be > 0"):
         TrackingConfig(retry_s=0)
+
+
+def test_zero_counters_stay_out_until_non_zero_and_the_dataset_is_an_input(runs_root: Path) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.datasets import split_inputs
+
+    run_dir = runs_root / "local-quiet"
+    splits = {"train": ("0123456789abcdef", 360), "val": ("fedcba9876543210", 40)}
+    inputs = split_inputs(name="digits", source="/data/digits", splits=splits, train_split="train",
+                          val_split="val", num_classes=10)  # fmt: skip
+    first = _open(run_dir)
+    first.log_datasets(inputs)
+    for step in range(1, 6):
+        skipped = 0.0 if step < 4 else 2.0
+        first.log_metrics({"train/loss": 1.0, "data/skipped_corrupt_image": skipped, "data/skipped_missing_cls": 0.0,
+                           "train/skipped_steps": 0.0}, step)  # fmt: skip
+    first.close("KILLED")
+    # A resume logs the same inputs again (one input each, not two) and the counter it restored.
+    second = _open(run_dir, run_id=first.run_id)
+    second.log_datasets(inputs)
+    second.log_metrics({"data/skipped_corrupt_image": 2.0, "data/skipped_missing_cls": 0.0}, 6)
+    second.close()
+
+    summary = find_run(run_dir)
+    assert metric_history(summary.tracking_uri, summary.run_id, "data/skipped_corrupt_image") == [
+        (4, 2.0), (5, 2.0), (6, 2.0)
+    ]  # fmt: skip
+    assert "data/skipped_missing_cls" not in summary.metrics and "train/skipped_steps" not in summary.metrics
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.run_id)
+    got = sorted(
+        (d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"],
+         json.loads(d.dataset.profile)["num_rows"], json.loads(d.dataset.source)["uri"])
+        for d in run.inputs.dataset_inputs
+    )  # fmt: skip
+    assert got == [
+        ("digits", "0123456789abcdef", "training", 360, "/data/digits"),
+        ("digits", "fedcba9876543210", "evaluation", 40, "/data/digits"),
+    ]
+    assert json.loads(run.inputs.dataset_inputs[0].dataset.profile)["splits"] == {"train": 360, "val": 40}
+    experiment = client.get_experiment(summary.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view

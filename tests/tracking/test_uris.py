@@ -27,4 +27,4 @@ def test_ui_urls() -> None:
     query = urllib.parse.parse_qs(url.split("?", 1)[1])
     assert json.loads(query["runs"][0]) == ["r1", "r2"]
     assert json.loads(query["experiments"][0]) == ["7"]
-    assert ui_runs_url("http://h:1", "7") == "http://h:1/#/experiments/7/runs"
+    assert ui_runs_url("http://h:1", "7") == "http://h:1/#/experiments/7/runs?workflowType=machine_learning"

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import counted_history, find_run, metric_history
+from pipeline.data import read_index
+from pipeline.tracking import RunSummary, counted_history, find_run, metric_history
 from pipeline.tracking.read import list_artifacts
-from tests.train.conftest import assert_ok, metrics, start_training, train, wait_for
+from tests.train.conftest import SMOKE, assert_ok, metrics, start_training, train, wait_for
 
 STEPS = 120
 
@@ -101,3 +102,27 @@ def test_after_a_rollback_every_reader_knows_which_value_of_a_step_counts(
     assert all(same), (counted, local)  # the values that count in MLflow are the local log's
     first_11 = [v for s, v in history if s == 11]
     assert first_11[0] != first_11[1] and counted[10][1] == local[10][1]  # the re-run's step 11 counts
+    assert_run_page_filled(run, lines, synthetic_shards)
+
+
+def assert_run_page_filled(run: RunSummary, lines: list[dict], shards: Path) -> None:
+    """What the MLflow run page shows besides the metrics: the shard index as dataset inputs, Source and
+    Created by; the experiment opens as model training; zero counters stay out of the charts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(run.tracking_uri)
+    index = read_index(shards)
+    inputs = client.get_run(run.run_id).inputs.dataset_inputs
+    got = {(d.dataset.name, d.dataset.digest, d.tags[0].value): json.loads(d.dataset.profile) for d in inputs}
+    want = {
+        (shards.name, index.fingerprint(s), c): index.splits[s].samples
+        for s, c in (("train", "training"), ("val", "evaluation"))
+    }
+    assert {k: v["num_rows"] for k, v in got.items()} == want
+    assert json.loads(inputs[0].dataset.source)["uri"] == str(shards.resolve())
+    assert run.tags["mlflow.source.name"] == f"python -m pipeline.train --config {SMOKE}"
+    assert run.tags["mlflow.source.type"] == "JOB" and run.tags["mlflow.user"]
+    assert client.get_experiment(run.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    skipped = {k for rec in lines for k in rec if k.startswith("data/skipped_")}
+    assert len(skipped) >= 5 and all(rec[k] == 0 for rec in lines for k in skipped if k in rec)  # zero all run
+    assert not skipped & set(run.metrics)  # ... so they are in metrics.jsonl, not in MLflow's charts
