@@ -28,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from pipeline.logs import announce_start
+    from pipeline.train.dist_env import detect
+
+    env = detect()
+    announce_start(
+        env.rank, f"rank {env.rank} of {env.world_size}, run dir {cfg.train.run_dir}; loading torch and DeepSpeed"
+    )
     from pipeline.stages import stage_for  # the entry point picks the stage: the engine imports none
     from pipeline.train import run
 
