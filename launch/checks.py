@@ -62,28 +62,51 @@ def check_run_dir(run_dir: Path) -> str:
 
 
 def check_resume(cfg: Config, run_dir: Path) -> str:
-    """Whether the run dir holds a complete checkpoint to resume (a run dir with only broken ones is refused)."""
+    """Whether the run dir holds a complete checkpoint to resume (a run dir with only broken ones is
+    refused), and that this config keeps its recipe (pipeline/train/resume.py, the ranks' own rule)."""
     from pipeline.artifacts.checkpoints import CheckpointError, check_fits, inspect_run_dir, read_state
     from pipeline.config import config_to_dict
-    from pipeline.train.resume import plan_resume, require_checkpoint, world_size_change
+    from pipeline.train.resume import RecipeChanged, plan_resume, require_checkpoint, world_size_change
 
     try:
         info = inspect_run_dir(run_dir)
         require_checkpoint(info, cfg, run_dir, fix="pass --run-dir of the run to resume")
-        if info is not None:
-            check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
-            ws = cfg.launch.world_size  # the ranks' own rule, applied here before anything is queued
-            plan = plan_resume(read_state(info.path).get("config"), cfg, saved_world_size=info.world_size,
-                               world_size=ws, step=info.step)  # fmt: skip
+        if info is None:
+            return f"checkpoint: none in the run dir, the job starts fresh{_saved_recipe(cfg, run_dir)}"
+        check_fits(info, config_to_dict(cfg.model), cfg.train.zero_stage)
+        ws = cfg.launch.world_size  # the ranks' own rule, applied here before anything is queued
+        plan = plan_resume(read_state(info.path).get("config"), cfg, saved_world_size=info.world_size,
+                           world_size=ws, step=info.step)  # fmt: skip
+    except RecipeChanged as e:
+        raise Refused(f"run dir {run_dir} holds a run of another recipe: {e}; {RecipeChanged.ALLOW}") from None
     except CheckpointError as e:
         raise Refused(str(e)) from None
-    if info is None:
-        return "checkpoint: none in the run dir, the job starts fresh"
     where = f"checkpoint: resumes from step {info.step} ({info.tag}, saved by {info.world_size} ranks)"
     where += "".join(f"; skipped damaged {s}" for s in info.skipped)
     change = world_size_change(info, cfg.launch.world_size)
     where += f"; {change}" if change else ""
     return "".join([where, *(f"\n  resume: {line}" for line in plan.notes + plan.safe)])
+
+
+def _saved_recipe(cfg: Config, run_dir: Path) -> str:
+    """A run dir without a checkpoint may still hold a run (its config.yaml): refuse another recipe there."""
+    import yaml
+
+    from pipeline.config import ConfigError
+    from pipeline.train.resume import check_recipe
+
+    saved = run_dir / "config.yaml"
+    try:
+        tree = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return ""  # nothing (readable) ran here: a fresh run dir
+    if not isinstance(tree, dict):
+        return ""
+    try:
+        notes = check_recipe(tree, cfg, source=str(saved))
+    except ConfigError as e:  # written by another version of the code: say so, refuse nothing on it
+        return f"; its {saved.name} cannot be compared with this config ({e})"
+    return "".join(f"\n  recipe: {line}" for line in notes)
 
 
 def check_finetune(cfg: Config) -> str:

@@ -4,7 +4,8 @@
    scikit-learn's real digits (fine-tuning),
 2. pretrain the embedded default (a tiny ViT, 2 CPU ranks, DeepSpeed ZeRO-2, local MLflow store)
    through the same launcher a cluster user runs,
-3. fine-tune it on digits straight from its sharded checkpoint (configs/finetune/digits.yaml),
+3. fine-tune it on digits straight from its sharded checkpoint (configs/finetune/digits.yaml);
+   both runs go to the MLflow experiment "demo", as pretrain_synthetic and finetune_digits,
 4. print both runs' final top-1 and the commands to open and compare them in the MLflow UI.
 
 Re-running it resumes or skips what is already done; `--fresh` starts the two runs over.
@@ -24,9 +25,13 @@ from pipeline.train.metrics_log import read_metrics_log
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs"
-PRETRAIN_RUN = RUNS / "default"
+# Both runs in one experiment of their own (not MLflow's "Default"), named for what they are; the
+# names are also the run dirs (runs/<name>), which configs/finetune/digits.yaml's init_from expects.
+EXPERIMENT = "demo"
+PRETRAIN_NAME = "pretrain_synthetic"
+PRETRAIN_RUN = RUNS / PRETRAIN_NAME
 FINETUNE_CONFIG = REPO / "configs" / "finetune" / "digits.yaml"
-FINETUNE_RUN = RUNS / "digits_ft"
+FINETUNE_RUN = RUNS / "finetune_digits"  # the config's name
 DATA = {
     RUNS / "data" / "synthetic": ["--synthetic", "4000", "--classes", "10", "--size", "32"],
     RUNS / "data" / "digits": ["--digits", "--size", "32"],
@@ -65,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"write shards {out.relative_to(REPO)}",
                 [py, "-m", "pipeline.data", "write", "--out", str(out), *source],
             )
-    step("pretrain (embedded default config)", [py, "launch/submit.py", "--local", "--follow"])
+    tracking = f"tracking.experiment={EXPERIMENT}"
     step(
-        "fine-tune on digits",
-        [py, "launch/submit.py", "--config", str(FINETUNE_CONFIG.relative_to(REPO)), "--local", "--follow"],
+        "pretrain (embedded default config)",
+        [py, "launch/submit.py", "--local", "--follow", f"name={PRETRAIN_NAME}", tracking],
     )
+    finetune = str(FINETUNE_CONFIG.relative_to(REPO))
+    step("fine-tune on digits", [py, "launch/submit.py", "--config", finetune, "--local", "--follow", tracking])
     pre, ft = final_top1(PRETRAIN_RUN), final_top1(FINETUNE_RUN)
     print(f"\n== demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"pretrain  (synthetic, 10 classes): eval/top1 = {pre:.4f}   run dir {PRETRAIN_RUN.relative_to(REPO)}")

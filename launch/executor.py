@@ -265,6 +265,10 @@ class RankJob:
         run_dir, rank0 = Path(self.cfg.train.run_dir), env.global_rank == 0
         if rank0:
             jobfile.record_attempt_start(run_dir, job_id=env.job_id, restart=restart, hosts=list(env.hostnames))
+        from pipeline.logs import announce_start
+
+        announce_start(env.global_rank, f"rank {env.global_rank} of {env.num_tasks}, job {env.job_id} (restart "
+                       f"{restart}) on {env.hostname}, run dir {run_dir}; loading torch and DeepSpeed")  # fmt: skip
         from pipeline.stages import stage_for  # here, not at the top: the submitter never imports torch
         from pipeline.train import run
 

@@ -43,6 +43,7 @@ from launch.executor import (  # noqa: E402
 )
 from launch.memory_plan import format_plan, memory_plan  # noqa: E402
 from pipeline.config import Config, ConfigError, dump_config, load_config  # noqa: E402
+from pipeline.config.schema import default_run_dir  # noqa: E402
 from pipeline.tracking.server import read_server_url  # noqa: E402
 from pipeline.tracking.tags import SOURCE_ENV, source_name  # noqa: E402
 from pipeline.train import lease  # noqa: E402
@@ -92,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         sched.add_argument(flag, metavar=metavar, help=what)
     run = p.add_argument_group("run")
     run.add_argument(
-        "--run-dir", metavar="DIR", help="checkpoints, logs, job.json (default: train.run_dir, else runs/<name>)"
+        "--run-dir",
+        metavar="DIR",
+        help="checkpoints, logs, job.json (default: train.run_dir, else "
+        "runs/<name>-<recipe overrides>, e.g. runs/vit_b16-lr3e-4)",
     )
     run.add_argument("--container", metavar="IMAGE.sif", help="run each rank inside this Apptainer image")
     run.add_argument("--local", action="store_true", help="run as local processes even where SLURM is available")
@@ -101,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", "--follow", dest="follow", action="store_true",
                      help="stream rank 0's log until the job ends; exit status reflects its final state")  # fmt: skip
     run.add_argument("--status", metavar="RUN_DIR", help="summarise the jobs of RUN_DIR and exit")
+    run.add_argument("--allow-recipe-change", action="store_true", help="resume the run dir even though this "
+                     "config changes its recipe (optim.lr, the model, the data; refused otherwise)")  # fmt: skip
     run.add_argument("--force-unlock", action="store_true", help="take the run dir's lease even if another job "
                      "seems to hold it (only when you know that job is gone)")  # fmt: skip
     return p
@@ -119,6 +125,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"launch.time_min={cluster.parse_time_min(args.time)}")
     if args.local:
         out.append("launch.executor=local")
+    if args.allow_recipe_change:
+        out.append("checkpoint.allow_recipe_change=true")
     return out
 
 
@@ -137,7 +145,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
         url = read_server_url()
         if url:
             defaults["tracking.uri"] = url
-    return load_config(args.config, [*args.overrides, *flags], defaults=defaults, absolute_paths=True)
+    # The run dir's default is named by the dotted overrides only, as the ranks name their MLflow run:
+    # a flag (--nodes, --time) changes where the run executes, and the same run resumes under it.
+    return load_config(
+        args.config, [*args.overrides, *flags], defaults=defaults, absolute_paths=True, run_overrides=args.overrides
+    )
 
 
 @dataclass(frozen=True)
@@ -245,11 +257,19 @@ def cpu_plan(cfg: Config, kind: str) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice) -> int:
+def run_dir_origin(cfg: Config, overrides: list[str]) -> str:
+    """Where the run dir came from: the default (config name + recipe overrides) or the user."""
+    if cfg.train.run_dir == str(Path(default_run_dir(cfg.name, overrides)).absolute()):
+        return "the default: runs/<config name>-<recipe overrides>; another recipe gets another dir"
+    return "set by --run-dir or train.run_dir"
+
+
+def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice, overrides: list[str]) -> int:
     """Print everything a submission would do; run the checks; submit nothing."""
     la = cfg.launch
     print("== resolved config ==")
     print(dump_config(cfg).rstrip())
+    print(f"\n== run dir: {cfg.train.run_dir} ({run_dir_origin(cfg, overrides)})")
     if choice.kind == "local":
         print(f"\nlocal executor: {la.world_size} processes on this machine; on a SLURM cluster the same job is:")
     print("\n== sbatch script (written by submitit) ==")
@@ -392,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             python=_python_command(cfg),
         )
         if args.dry_run:
-            return dry_run(cfg, plan, choice)
+            return dry_run(cfg, plan, choice, args.overrides)
         holder = take_lease(cfg, args.force_unlock)
         print(f"ok: run dir: lease taken ({Path(cfg.train.run_dir) / lease.LEASE}); no other launch can use it")
     except (checks.Refused, container.ContainerError) as e:

@@ -230,6 +230,7 @@ def load_config(
     *,
     defaults: typing.Mapping[str, Any] | None = None,
     absolute_paths: bool = False,
+    run_overrides: typing.Sequence[str] | None = None,
 ) -> Config:
     """Load ``path`` (None: the embedded defaults), apply dotted ``overrides``, validate all once.
 
@@ -240,6 +241,9 @@ def load_config(
       (``configs/pretrain/x.yaml`` -> experiment "pretrain"), so runs group by family;
     - ``defaults`` (dotted key -> value) fill keys that neither the file nor an override sets
       (the launcher's tracking server URL);
+    - an unset ``train.run_dir`` is ``runs/<name>-<recipe overrides>`` (schema.default_run_dir) from
+      ``run_overrides`` (default: ``overrides``; the launcher names runs by its dotted overrides, not
+      its flags, as the ranks name their MLflow run), so two runs of another recipe never share a dir;
     - ``absolute_paths``: the run dir, data path, container and fine-tune source become absolute
       (the launcher's ranks may start in another working directory).
     """
@@ -257,6 +261,11 @@ def load_config(
     for dotted, value in (defaults or {}).items():
         if _get_dotted(tree, dotted) in (None, ""):
             _set_dotted(tree, dotted, value, "<launcher defaults>")
+    if not _get_dotted(tree, "train.run_dir"):
+        name = tree.get("name", Config.name)
+        if isinstance(name, str):  # a wrong type is reported by the build
+            run_dir = default_run_dir(name, overrides if run_overrides is None else run_overrides)
+            _set_dotted(tree, "train.run_dir", run_dir, "<default run dir>")
     _expand_preset(tree, source)
     if absolute_paths:
         _absolute_paths(tree)
@@ -277,16 +286,13 @@ PATH_KEYS = ("train.run_dir", "data.path", "launch.container", "finetune.init_fr
 
 
 def _absolute_paths(tree: dict) -> None:
-    """Make every path key absolute on the raw tree (unset keys: their default; the run dir's is
-    derived from the name). A data.path validation will refuse (a URL, a pattern) stays as written,
-    so the refusal quotes what the user wrote."""
+    """Make every path key absolute on the raw tree (unset keys: their default). A data.path
+    validation will refuse (a URL, a pattern) stays as written, so the refusal quotes what the user
+    wrote."""
     for dotted in PATH_KEYS:
         value = _get_dotted(tree, dotted)
         if value is None:
             value = _schema_default(dotted)
-        if dotted == "train.run_dir" and not value:
-            name = tree.get("name", Config.name)
-            value = default_run_dir(name) if isinstance(name, str) else ""
         if not isinstance(value, str) or not value:
             continue  # a wrong type is reported by the build
         if dotted == "data.path" and data_path_problem(value):
@@ -340,8 +346,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def config_diff(cfg: Config) -> dict:
-    """Only the values that differ from the defaults, nested (what a config file should hold)."""
-    return _diff(config_to_dict(cfg), config_to_dict(Config()))
+    """Only the values that differ from the defaults, nested (what a config file should hold); a run
+    dir derived from the name and the recipe overrides (schema.default_run_dir) counts as a default."""
+    base = Config()
+    label, run_dir = default_run_dir(cfg.name).removeprefix("runs/"), Path(cfg.train.run_dir)
+    if run_dir.parent.name == "runs" and (run_dir.name == label or run_dir.name.startswith(f"{label}-")):
+        base.train.run_dir = cfg.train.run_dir
+    return _diff(config_to_dict(cfg), config_to_dict(base))
 
 
 def _diff(a: dict, b: dict) -> dict:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.config.recipe import run_label
 from pipeline.model.presets import pair
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -205,7 +207,7 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch arithmetic, precision and ZeRO settings of the training loop."""
 
-    run_dir: str = ""  # "": runs/<name> (see default_run_dir)
+    run_dir: str = ""  # "": runs/<name>-<recipe overrides> (see default_run_dir)
     steps: int = 200  # optimizer steps at the configured global batch
     micro_batch_size: int = 32  # per rank, per forward pass
     grad_accum: int = 0  # 0: derived from global_batch_size (or 1)
@@ -293,6 +295,9 @@ class CheckpointConfig:
     # (pipeline/train/saving.py). Off by default: it holds one checkpoint shard per rank in host
     # memory for the whole run (`--dry-run` plans it). Saves on USR2/TERM and at the end stay synchronous.
     async_save: bool = False
+    allow_recipe_change: bool = (
+        False  # resume a run dir whose recipe differs (refused otherwise; pipeline/train/resume.py)
+    )
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
@@ -429,9 +434,10 @@ class FinetuneConfig:
         )
 
 
-def default_run_dir(name: str) -> str:
-    """Where a run lives when train.run_dir is not set: ``runs/<config name>``."""
-    return f"runs/{name}"
+def default_run_dir(name: str, overrides: Sequence[str] = ()) -> str:
+    """Where a run lives when train.run_dir is not set: ``runs/<config name>-<recipe overrides>``
+    (``runs/vit_b16-lr3e-4``; see recipe.run_label), so another recipe never resumes this run."""
+    return f"runs/{run_label(name, overrides)}"
 
 
 @dataclass

@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The ranks of this job name their source in MLflow (a job of launch/submit.py already has it).
     os.environ.setdefault(SOURCE_ENV, source_name("python -m pipeline.train", args.config))
+    from pipeline.logs import announce_start
+    from pipeline.train.dist_env import detect
+
+    env = detect()
+    announce_start(
+        env.rank, f"rank {env.rank} of {env.world_size}, run dir {cfg.train.run_dir}; loading torch and DeepSpeed"
+    )
     from pipeline.stages import stage_for  # the entry point picks the stage: the engine imports none
     from pipeline.train import run
 

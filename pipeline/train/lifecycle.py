@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from pipeline.artifacts import checkpoints as stored
 from pipeline.artifacts.checkpoints import CheckpointError, ResumeInfo
 from pipeline.config import Config, config_to_dict, flatten, save_config
 from pipeline.data import TrainLoader, ValLoader, build_loader, build_val_loader, check_classes, read_index
-from pipeline.logs import setup_logging
+from pipeline.logs import StartupPhases, setup_logging, startup_log
 from pipeline.model import ViT, forward_macs
 from pipeline.tracking import Tracker, experiment_for, open_tracker, run_name_for, run_tags
 from pipeline.tracking.datasets import DatasetInput, split_inputs
@@ -35,7 +35,14 @@ from pipeline.train.lease import RunDirBusy
 from pipeline.train.metrics import device_peak_tflops
 from pipeline.train.placement import plan_cpus
 from pipeline.train.recipe import Schedule, make_schedule
-from pipeline.train.resume import ResumePlan, needs_universal, plan_resume, require_checkpoint, world_size_change
+from pipeline.train.resume import (
+    RecipeChanged,
+    ResumePlan,
+    needs_universal,
+    plan_resume,
+    require_checkpoint,
+    world_size_change,
+)
 from pipeline.train.stage import Stage
 
 if TYPE_CHECKING:
@@ -118,20 +125,14 @@ def _dtype(precision: str, device: ds.Device) -> torch.dtype:
 
 
 def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> Run:
-    device = _device(cfg.train.device)
-    dtype = _dtype(cfg.train.precision, device)
-    env.export()
-    setup_logging(env.rank)
-    if device == "cuda":
-        torch.cuda.set_device(env.local_rank)
-    else:
-        # Every rank says it (not only rank 0): a wrong split shows on the rank that has it.
-        cpus = plan_cpus(env, num_workers=cfg.data.num_workers, cpu_threads=cfg.train.cpu_threads)
-        torch.set_num_threads(cpus.torch_threads)
-        print(cpus.describe(env), flush=True)
-    ds.init_distributed(device)
+    phases = StartupPhases()  # each phase says its time as it ends (the job log's first lines)
+    device, dtype = _environment(cfg, env)
+    phases.done(
+        "environment", f"{env.world_size} rank(s) on {env.num_nodes} node(s), {device}, torch {torch.__version__}"
+    )
     # Before any weights exist: a label past the head would fail at step 1 (a device-side assert on a GPU).
     log.info("data: %s", check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key))
+    phases.done("data index", cfg.data.path)
     run_dir = Path(cfg.train.run_dir).absolute()
     _hold_run_dir(run_dir, env)
     if env.rank == 0:
@@ -139,9 +140,11 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
     info = _resume_info(cfg, env, run_dir)
     resume = _plan_resume(cfg, env, info)
     plan = plan_batch(cfg.train, env.world_size)
+    phases.lap("resume")  # the checkpoint scan; said with the load below
     rng.seed_all(cfg.train.seed)  # identical initial weights on every rank
     model = _build_model(cfg, stage, fresh=info is None)
     groups = stage.param_groups(model)
+    phases.done("model", f"{sum(p.numel() for p in model.parameters()):,} parameters")
     universal = info is not None and needs_universal(info, env.world_size)
     load_tag = _prepare_universal(info, env) if universal else (info.tag if info else None)
     engine = ds.initialize(
@@ -151,6 +154,7 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
         device,
         compile=cfg.train.compile,
     )
+    phases.done("engine", f"DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}")
     if info is not None:
         ds.load(engine, stored.checkpoints_dir(run_dir), load_tag)
         if universal:
@@ -164,20 +168,41 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
         schedule = make_schedule(cfg.optim, steps=cfg.train.steps, global_batch_size=plan.global_batch_size)
         state = TrainerState(step=0, samples_seen=0, skipped_steps=0, schedule=schedule)
         rng.seed_all(cfg.train.seed + 1000 * env.rank)  # per-rank streams (dropout and mixing are keyed per step)
+    phases.done("resume", f"from step {state.step}" if info is not None else "no checkpoint: a fresh run")
     train_loader, val_loader = _loaders(cfg, env, plan, device)
     if info is not None:
         train_loader.load_state_dict(_loader_state(info, env, saved))
+    phases.done("data loaders", f"{cfg.data.num_workers} worker(s) per rank")
     tracker = _tracker(cfg, env, run_dir, state, overrides, info, stage.tags())
     state.run_id = tracker.run_id
     if env.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_datasets(_dataset_inputs(cfg, evaluates=val_loader is not None))
+    phases.done("tracker", f"MLflow run {tracker.run_id}" if tracker.run_id else "tracking off")
+    startup_log.info("start-up: ready in %.1f s, run dir %s", phases.total(), run_dir)
     return Run(
         cfg=cfg, env=env, device=device, dtype=dtype, plan=plan, run_dir=run_dir, stage=stage, engine=engine,
         train_loader=train_loader, val_loader=val_loader, tracker=tracker, state=state, resumed=info is not None,
         macs=forward_macs(model), peak_tflops=device_peak_tflops(cfg.train.peak_tflops, device),
     )  # fmt: skip
+
+
+def _environment(cfg: Config, env: DistEnv) -> tuple[ds.Device, torch.dtype]:
+    """This rank's device, threads, logging and process group."""
+    device = _device(cfg.train.device)
+    dtype = _dtype(cfg.train.precision, device)
+    env.export()
+    setup_logging(env.rank)
+    if device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    else:
+        # Every rank says it (not only rank 0): a wrong split shows on the rank that has it.
+        cpus = plan_cpus(env, num_workers=cfg.data.num_workers, cpu_threads=cfg.train.cpu_threads)
+        torch.set_num_threads(cpus.torch_threads)
+        print(cpus.describe(env), flush=True)
+    ds.init_distributed(device)
+    return device, dtype
 
 
 def _hold_run_dir(run_dir: Path, env: DistEnv) -> None:
@@ -216,7 +241,10 @@ def _plan_resume(cfg: Config, env: DistEnv, info: ResumeInfo | None) -> ResumePl
     if info is None:
         return None
     saved = stored.read_state(info.path).get("config")
-    resume = plan_resume(saved, cfg, saved_world_size=info.world_size, world_size=env.world_size, step=info.step)
+    try:
+        resume = plan_resume(saved, cfg, saved_world_size=info.world_size, world_size=env.world_size, step=info.step)
+    except RecipeChanged as e:
+        raise RecipeChanged(f"{e}; {RecipeChanged.ALLOW}") from None
     if env.rank == 0:
         for line in resume.safe:
             log.info("resume: %s", line)
@@ -227,11 +255,16 @@ def _plan_resume(cfg: Config, env: DistEnv, info: ResumeInfo | None) -> ResumePl
 
 
 def _resumed_schedule(state: TrainerState, resume: ResumePlan | None, plan: BatchPlan) -> Schedule:
-    """The checkpoint's schedule; re-stretched to the new end when train.steps changed."""
+    """The checkpoint's schedule; re-stretched to the new end when train.steps changed; with this
+    config's learning rates when the recipe changes on purpose (checkpoint.allow_recipe_change)."""
+    schedule = state.schedule
+    if resume is not None and resume.optim is not None:
+        o = resume.optim
+        schedule = replace(schedule, peak_lr=o.lr, min_lr=o.min_lr, kind=o.schedule)
     if resume is None or resume.steps[0] == resume.steps[1]:
-        return state.schedule
+        return schedule
     total = state.samples_seen + max(0, resume.steps[1] - state.step) * plan.global_batch_size
-    return state.schedule.stretch(state.samples_seen, total)
+    return schedule.stretch(state.samples_seen, total)
 
 
 def resume_candidate(run_dir: Path, env: DistEnv) -> ResumeInfo | None:

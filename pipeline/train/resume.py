@@ -13,8 +13,10 @@ what the launcher announces is what the ranks do.
 - Honoured with a stated rule: ``train.steps`` (the remaining learning-rate decay is re-stretched
   from the current learning rate to the new end, see recipe.Schedule.stretch); the global batch at
   another world size or micro batch (kept at the checkpoint's, the accumulation re-derived).
-- Refused: everything else (the model, the optimizer, the data and augmentation recipe, precision,
-  seed), because a run that changes its recipe mid-way is no longer the run it claims to be.
+- Refused: everything else, the recipe (pipeline/config/recipe.py: the model, the optimizer, the data
+  and augmentation, precision, seed), because a run that changes its recipe mid-way is no longer the
+  run it claims to be; unless ``checkpoint.allow_recipe_change`` (the launcher's
+  ``--allow-recipe-change``) says the change is on purpose, then each change is a warning.
 """
 
 from __future__ import annotations
@@ -24,19 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.checkpoints import CheckpointError, ResumeInfo
-from pipeline.config import Config, config_from_dict, flatten
+from pipeline.config import Config, OptimConfig, config_from_dict, flatten
+from pipeline.config.recipe import changes_recipe
 from pipeline.train.batch import plan_batch
 
-# Keys that change where or how fast the run executes, never what it computes.
-_SAFE_PREFIXES = ("tracking.", "launch.")
-_SAFE_KEYS = frozenset({
-    "name", "train.run_dir", "train.log_every", "train.eval_every", "train.peak_tflops", "train.cpu_threads",
-    "train.device", "train.compile", "train.max_nonfinite_steps", "train.offload_optimizer", "train.offload_params",
-    "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export_final",
-    "finetune.export_best", "data.val_split", "data.val_batch_size", "data.eval_crop_pct", "data.prefetch_factor",
-    "data.max_skip_frac", "data.skip_check_after", "model.preset", "model.grad_checkpointing",
-    "model.recompute", "model.recompute_every",
-})  # fmt: skip
+# Launch and model keys the comparison judges by what they give: the world size by the global batch
+# (kept, see _keep_global_batch), model.preset by the model.* keys it expands to.
+_SAFE_ON_RESUME = frozenset({"launch.nodes", "model.preset"})
 # Honoured, with what it does to the run said in the log.
 _NOTED = {
     "data.num_workers": "the rest of the current epoch is re-split over the new loader slots (another order, "
@@ -49,8 +45,23 @@ _NOTED = {
 _PLANNED_KEYS = frozenset({"train.micro_batch_size", "train.grad_accum", "train.global_batch_size", "train.steps"})
 
 
+_ALLOWED = (
+    "recipe changed on purpose (checkpoint.allow_recipe_change): the run goes on from the checkpoint's weights and "
+    "optimizer state under this config; the learning rate follows this config's optim.lr, optim.min_lr and "
+    "optim.schedule from here"
+)
+
+
 class ResumeRefused(CheckpointError):
     """The config asks for a change a resumed run cannot honour."""
+
+
+class RecipeChanged(ResumeRefused):
+    """The config changes the run's recipe; ``checkpoint.allow_recipe_change`` would allow it."""
+
+    ALLOW = (
+        "to go on with the change on purpose, set checkpoint.allow_recipe_change=true (launcher: --allow-recipe-change)"
+    )
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class ResumePlan:
     steps: tuple[int, int]  # (checkpoint's train.steps, this config's)
     safe: list[str]  # honoured changes that alter nothing computed (logged as info)
     notes: list[str]  # honoured changes that alter the run, with their rule (logged as warnings)
+    optim: OptimConfig | None = None  # the learning rates to go on with: a recipe changed on purpose
 
     @property
     def steps_changed(self) -> bool:
@@ -104,21 +116,9 @@ def plan_resume(
     if not isinstance(saved, dict):
         return _unchecked(cfg, world_size)
     old_cfg = config_from_dict(saved, source="the checkpoint's trainer_state.json")
-    old, new = flatten(old_cfg), flatten(cfg)
-    safe, notes, refused = [], [], []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b or key in _PLANNED_KEYS:
-            continue
-        change = f"{key}: {a!r} -> {b!r}"
-        if key in _SAFE_KEYS or key.startswith(_SAFE_PREFIXES):
-            safe.append(f"{change} (honoured)")
-        elif key in _NOTED:
-            notes.append(f"{change} ({_NOTED[key]})")
-        else:
-            refused.append((key, a, b))
-    if refused:
-        raise ResumeRefused(_refusal(refused))
+    safe, notes, refused = _sort_changes(old_cfg, cfg)
+    allowed = _allowed(refused, cfg)
+    notes += allowed
     was = plan_batch(old_cfg.train, saved_world_size)
     gb = _keep_global_batch(was.global_batch_size, cfg, saved_world_size, world_size)
     steps = (old_cfg.train.steps, cfg.train.steps)
@@ -130,7 +130,40 @@ def plan_resume(
             f"global batch kept at the checkpoint's {gb} = {cfg.train.micro_batch_size} x accumulation {accum} x "
             f"{world_size} ranks (saved as {was.micro_batch_size} x {was.grad_accum} x {saved_world_size} ranks)"
         )
-    return ResumePlan(global_batch_size=gb, steps=steps, safe=safe, notes=notes)
+    return ResumePlan(global_batch_size=gb, steps=steps, safe=safe, notes=notes, optim=cfg.optim if allowed else None)
+
+
+def check_recipe(saved: dict[str, Any], cfg: Config, *, source: str) -> list[str]:
+    """A run dir's saved config (``source``, its config.yaml) against ``cfg``, before a job starts in it
+    without a checkpoint: the same refusal as a resume's, so a run dir never holds two recipes.
+    Returns a note per change allowed by ``checkpoint.allow_recipe_change``."""
+    _, _, refused = _sort_changes(config_from_dict(saved, source=source), cfg)
+    return _allowed(refused, cfg, was="saved")
+
+
+def _sort_changes(old_cfg: Config, cfg: Config) -> tuple[list[str], list[str], list[tuple[str, Any, Any]]]:
+    """Each key that differs: honoured (safe), honoured by a stated rule (notes) or refused (the recipe)."""
+    old, new = flatten(old_cfg), flatten(cfg)
+    safe, notes, refused = [], [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b or key in _PLANNED_KEYS:
+            continue
+        change = f"{key}: {a!r} -> {b!r}"
+        if key in _NOTED:
+            notes.append(f"{change} ({_NOTED[key]})")
+        elif not changes_recipe(key) or key in _SAFE_ON_RESUME:
+            safe.append(f"{change} (honoured)")
+        else:
+            refused.append((key, a, b))
+    return safe, notes, refused
+
+
+def _allowed(refused: list[tuple[str, Any, Any]], cfg: Config, was: str = "checkpoint") -> list[str]:
+    """Refuse recipe changes, or (checkpoint.allow_recipe_change) say each one."""
+    if refused and not cfg.checkpoint.allow_recipe_change:
+        raise RecipeChanged(_refusal(refused, was))
+    return [f"{k}: {a!r} -> {b!r} ({_ALLOWED})" for k, a, b in refused]
 
 
 def _unchecked(cfg: Config, world_size: int) -> ResumePlan:
@@ -145,8 +178,8 @@ def _unchecked(cfg: Config, world_size: int) -> ResumePlan:
     )
 
 
-def _refusal(refused: list[tuple[str, Any, Any]]) -> str:
-    listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in refused)
+def _refusal(refused: list[tuple[str, Any, Any]], was: str = "checkpoint") -> str:
+    listed = "; ".join(f"{k}: {was} {a!r}, now {b!r}" for k, a, b in refused)
     back = " ".join(f"{k}={_cli(a)}" for k, a, _ in refused)
     return (
         f"resuming would change the run's recipe: {listed}. A resumed run keeps the model, optimizer, data and "

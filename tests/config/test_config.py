@@ -163,7 +163,8 @@ def test_absolute_paths_and_defaults_are_resolved_before_validation(
     monkeypatch.chdir(tmp_path)
     path = write(tmp_path, "train:\n", name="job.yaml")  # an empty section is a section
     cfg = load_config(path, ["finetune.init_from=pre", "finetune.num_classes=3"], absolute_paths=True)
-    assert cfg.train.run_dir == str(tmp_path / "runs" / "job")
+    # The default run dir is named by the recipe overrides too (pipeline/config/recipe.py).
+    assert cfg.train.run_dir == str(tmp_path / "runs" / "job-from_pre-num_classes3")
     assert cfg.data.path == str(tmp_path / "runs" / "data" / "synthetic")
     assert cfg.finetune.init_from == str(tmp_path / "pre") and cfg.launch.container == ""
     # A URL stays as written, so the refusal quotes it.

@@ -48,6 +48,8 @@ def test_without_slurm_the_smoke_run_completes_locally(tmp_path: Path, synthetic
     assert [j["job_id"] for j in job["jobs"]] == [job_id] and job["requeues"] == 0
     assert [(a["restart"], a["result"], a["step"]) for a in job["attempts"]] == [(0, "completed", 30)]
 
+    _assert_the_log_starts_with_our_phases_and_no_noise(run_dir / "submitit" / job_id / f"{job_id}_0_log")
+
     status = run_launcher(["--status", str(run_dir)], env=no_sbatch_env)
     assert status.returncode == 0
     assert f"job {job_id} (local, 2 node(s) x 1 tasks): COMPLETED" in status.stdout
@@ -55,6 +57,27 @@ def test_without_slurm_the_smoke_run_completes_locally(tmp_path: Path, synthetic
     assert f"MLflow run id: {run.run_id}" in status.stdout
     assert "progress: step 30/30, loss " in status.stdout and "all steps done" in status.stdout
     assert f"rank 0 log: {run_dir / 'submitit' / job_id / f'{job_id}_0_log.out'}" in status.stdout
+
+
+# Third-party start-up noise the ranks keep out of the job's log (pipeline/logs.py).
+NOISE = ("compilers.C.base", "gcc ", "No CUDA runtime is found", "FutureWarning", "Setting accelerator to CPU")
+
+
+def _assert_the_log_starts_with_our_phases_and_no_noise(log: Path) -> None:
+    out, err = log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
+    lines = [line for line in out.splitlines() if not line.startswith("submitit ")]
+    # Our first line comes before torch and DeepSpeed load, seconds after the rank starts.
+    assert re.search(r"\[rank 0\] pipeline\.startup: start-up: rank 0 of 2, job \d+ \(restart 0\)", lines[0]), out
+    started = re.search(r"^submitit INFO \(\S+ (\d+):(\d+):(\d+),\d+\) - Starting", out, re.M)
+    first = re.match(r"(\d+):(\d+):(\d+) ", lines[0])
+    assert started and first, out
+    seconds = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in (started.groups(), first.groups())]
+    assert 0 <= (seconds[1] - seconds[0]) % 86400 <= 10, out
+    phases = re.findall(r"pipeline\.startup: start-up: (.+?) in \d+\.\d s", out)
+    said = [p for p in phases if p in ("environment", "data index", "model", "engine", "resume", "tracker")]
+    assert said == ["environment", "data index", "model", "engine", "resume", "tracker"], out
+    assert out.index("start-up: tracker in") < out.index("start-up: ready in") < out.index("training smoke")
+    assert [n for n in NOISE if n in out or n in err] == [], out + err
 
 
 @pytest.mark.timeout(60)

@@ -220,3 +220,42 @@ def test_preflight_skips_a_checkpoint_with_a_garbage_trainer_state(tmp_path: Pat
     assert "REFUSED: " in out.stdout and "but none is complete and intact" in out.stdout
     assert f"{state} is missing or has the wrong size (3 bytes, committed" in out.stdout
     assert f"{run_dir / 'checkpoints' / tag_for(30) / 'trainer_state.json'} does not match its checksum" in out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_two_submits_of_another_recipe_get_two_run_dirs_and_a_changed_recipe_is_refused(
+    tmp_path: Path, synthetic_shards: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default run dirs land under ./runs
+    common = ["--config", str(REPO / "configs" / "smoke.yaml"), "--nodes", "2", "--local", "--dry-run",
+              f"data.path={synthetic_shards}", "model.num_classes=4", "launch.ranks_per_node=1"]  # fmt: skip
+    dirs = []
+    for lr in ("1e-3", "3e-4"):
+        assert submit.main([*common, f"optim.lr={lr}"]) == 0
+        out = capsys.readouterr().out
+        run_dir = tmp_path / "runs" / f"smoke-data_{synthetic_shards.name}-num_classes4-lr{lr}"
+        assert f"== run dir: {run_dir} (the default: runs/<config name>-<recipe overrides>;" in out
+        assert "ok: checkpoint: none in the run dir, the job starts fresh" in out
+        dirs.append(run_dir)
+    assert dirs[0] != dirs[1]
+
+    # A run ran in the first dir (its config.yaml); the same command resumes it, another recipe is refused.
+    from pipeline.config import save_config
+
+    save_config(submit.resolve_config(submit.build_parser().parse_intermixed_args([*common, "optim.lr=1e-3"])),
+                dirs[0] / "config.yaml")  # fmt: skip
+    assert submit.main([*common, "optim.lr=1e-3"]) == 0
+    assert "REFUSED" not in capsys.readouterr().out
+    changed = [*common, "--run-dir", str(dirs[0]), "optim.lr=3e-4"]
+    assert submit.main(changed) == 1
+    out = capsys.readouterr().out
+    assert f"== run dir: {dirs[0]} (set by --run-dir or train.run_dir)" in out
+    assert (
+        f"REFUSED: run dir {dirs[0]} holds a run of another recipe: resuming would change the run's recipe: optim.lr: "
+        "saved 0.001, now 0.0003. A resumed run keeps the model, optimizer, data and augmentation of its checkpoint; "
+        "set them back (optim.lr=0.001) to resume it, or pass another train.run_dir" in out
+    )
+    assert "--allow-recipe-change" in out
+    assert submit.main([*changed, "--allow-recipe-change"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe: optim.lr: 0.001 -> 0.0003 (recipe changed on purpose (checkpoint.allow_recipe_change)" in out

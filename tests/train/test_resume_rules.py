@@ -140,3 +140,37 @@ def test_resume_require_without_a_checkpoint_names_the_fix_in_the_callers_terms(
         check_resume(required, tmp_path)
     with pytest.raises(CheckpointError, match=r"has no checkpoints; point train\.run_dir at the run to resume"):
         _resume_info(required, DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single"), tmp_path)
+
+
+def test_a_recipe_change_allowed_on_purpose_is_said_and_gives_the_new_learning_rates() -> None:
+    p = plan("optim.lr=0.001", "checkpoint.allow_recipe_change=true")
+    assert p.notes == [
+        "optim.lr: 0.002 -> 0.001 (recipe changed on purpose (checkpoint.allow_recipe_change): the run goes on from "
+        "the checkpoint's weights and optimizer state under this config; the learning rate follows this config's "
+        "optim.lr, optim.min_lr and optim.schedule from here)"
+    ]
+    assert p.optim is not None and p.optim.lr == 0.001
+    assert plan("checkpoint.allow_recipe_change=true").optim is None  # nothing changed: the checkpoint's curve
+
+
+def test_a_run_dirs_saved_config_refuses_another_recipe() -> None:
+    from pipeline.train.resume import RecipeChanged, check_recipe
+
+    with pytest.raises(RecipeChanged, match=r"recipe: optim\.lr: saved 0\.002, now 0\.001\. A resumed run keeps"):
+        check_recipe(SAVED, cfg("optim.lr=0.001", "train.steps=50"), source="config.yaml")
+    assert check_recipe(SAVED, cfg("train.steps=50", "train.log_every=1"), source="config.yaml") == []
+
+
+def test_an_allowed_learning_rate_change_reaches_the_resumed_schedule() -> None:
+    from pipeline.train.batch import plan_batch
+    from pipeline.train.lifecycle import TrainerState, _resumed_schedule
+    from pipeline.train.recipe import make_schedule
+
+    old = cfg()
+    state = TrainerState(step=20, samples_seen=640, skipped_steps=0,
+                         schedule=make_schedule(old.optim, steps=30, global_batch_size=32))  # fmt: skip
+    new = cfg("optim.lr=0.001", "optim.min_lr=0.0001", "checkpoint.allow_recipe_change=true")
+    s = _resumed_schedule(state, plan("optim.lr=0.001", "optim.min_lr=0.0001", "checkpoint.allow_recipe_change=true"),
+                          plan_batch(new.train, 2))  # fmt: skip
+    assert (s.peak_lr, s.min_lr, s.total_samples) == (0.001, 0.0001, 960)
+    assert _resumed_schedule(state, plan(), plan_batch(old.train, 2)).peak_lr == 0.002
