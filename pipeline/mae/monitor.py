@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from pipeline.durable import atomic_write_via
 from pipeline.model.mae import NORM_PIX_EPS
 
 GAP = 2  # pixels between the picture's cells
@@ -74,7 +75,5 @@ def reconstruction_grid(
 def save_png(grid: np.ndarray, path: Path) -> Path:
     """Write ``grid`` (H, W, 3) uint8 as a PNG (the tracker uploads it later: the file must stay)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    tmp.replace(path)
+    atomic_write_via(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     return path
