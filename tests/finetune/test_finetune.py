@@ -16,6 +16,7 @@ from pipeline.finetune import FinetuneError, init_from_pretrained
 from pipeline.model import ViT
 from pipeline.model.convert import to_timm
 from pipeline.tracking import find_run
+from tests.fixtures.mlflow_models import assert_run_model
 from tests.train.conftest import REPO, assert_ok, metrics, train
 
 DIGITS = REPO / "configs" / "finetune" / "digits.yaml"
@@ -115,7 +116,7 @@ def test_finetune_on_digits_learns_and_links_the_pretrain_run(
 ) -> None:
     run_dir = pretrained.parent / "digits_ft"  # same root: the same local MLflow store
     proc = train(2, [f"finetune.init_from={pretrained}", f"data.path={digits_shards}", f"train.run_dir={run_dir}",
-                     "tracking.system_metrics=false"], config=DIGITS)  # fmt: skip
+                     "tracking.system_metrics=false", "tracking.register_as=digits-vit"], config=DIGITS)  # fmt: skip
     assert_ok(proc)
     assert "fine-tune init from" in proc.stdout and "re-initialised ['head.bias', 'head.weight']" in proc.stdout
     top1 = {s: m["eval/top1"] for s, m in metrics(run_dir).items() if "eval/top1" in m}
@@ -126,3 +127,8 @@ def test_finetune_on_digits_learns_and_links_the_pretrain_run(
     ft, pre = find_run(run_dir), find_run(pretrained)
     assert ft.tags["pretrain.run_id"] == pre.run_id
     assert ft.experiment == "finetune" and ft.tags["finetune.init_kind"] == "checkpoint"
+    # The run's MLflow model is the best evaluation's export, registered with the run's numbers.
+    version = assert_run_model(ft.tracking_uri, ft.run_id, run_dir / "export" / "best", register_as="digits-vit")
+    assert float(version.tags["best_top1"]) == pytest.approx(max(top1.values()), rel=1e-5)
+    assert float(version.tags["eval/top1"]) == pytest.approx(top1[600], rel=1e-5)
+    assert f"step {meta['step']}" in version.description
