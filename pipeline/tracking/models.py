@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -81,7 +80,6 @@ def build_mlflow_model(export_dir: Path) -> tuple[Path, dict]:
             signature=signature, metadata={"export_step": meta.get("step"), "export_source": meta.get("source")},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"einops=={einops.__version__}"],
         )  # fmt: skip
-        _make_readable(staged)
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
@@ -123,14 +121,6 @@ def _model_code(tmp: Path) -> Path:
     shutil.copytree(_PIPELINE / "model", pkg / "model", ignore=shutil.ignore_patterns("__pycache__"))
     (pkg / "__init__.py").write_text('"""pipeline.model only: the code of an MLflow model of this project."""\n')
     return pkg
-
-
-def _make_readable(folder: Path) -> None:
-    """Group and others read it, like the rest of a run dir (the temporary dir was 0700)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [folder, *folder.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _built_step(folder: Path) -> Any:
@@ -195,7 +185,7 @@ def deliver_model(client: Any, run_id: str, record: Record) -> None:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, record["step"])])
         log.info("tracking: logged the MLflow model %s (%s) of run %s", model.model_id, record["key"], run_id)
     if record.get("register"):
-        _register(client, record, run_id, model.model_id)
+        _register(client, record, run_id, model)
 
 
 def _logged(client: Any, experiment_id: str, run_id: str, record: Record) -> Any:
@@ -220,7 +210,7 @@ def _run_models(client: Any, experiment_id: str, run_id: str, name: str) -> list
             return out
 
 
-def _register(client: Any, record: Record, run_id: str, model_id: str) -> None:
+def _register(client: Any, record: Record, run_id: str, model: Any) -> None:
     name = record["register"]
     try:
         client.create_registered_model(name, description="registered by the training pipeline (tracking.register_as)")
@@ -230,8 +220,11 @@ def _register(client: Any, record: Record, run_id: str, model_id: str) -> None:
     for v in client.search_model_versions(f"run_id = '{run_id}'"):
         if v.name == name and v.tags.get(KEY_TAG) == record["key"]:
             return  # registered by an earlier delivery of this export
+    # The source is the model's storage location, not "models:/<id>": a local (SQLite) registry
+    # resolves that URI through the process's global tracking URI, not this client's (MLflow 3.x).
     version = client.create_model_version(
-        name, source=f"models:/{model_id}", run_id=run_id, tags=record["tags"], description=record["description"],
-        model_id=model_id, await_creation_for=0,  # a server's registry creates it at once; never wait here
+        name, source=model.artifact_location, run_id=run_id, tags=record["tags"],
+        description=record["description"], model_id=model.model_id,
+        await_creation_for=0,  # a server's registry creates it at once; never wait here
     )  # fmt: skip
     log.info("tracking: registered %s version %s (%s)", name, version.version, record["description"])

@@ -6,6 +6,7 @@ the server killed mid-run) and tests/finetune/test_finetune.py (the best fine-tu
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,7 +43,12 @@ def _export(out: Path) -> Path:
 
 def test_built_model_predicts_the_exports_logits_and_is_reused(tmp_path: Path) -> None:
     export = _export(tmp_path / "export")
-    folder, meta = build_mlflow_model(export)
+    old = os.umask(0o022)
+    try:
+        folder, meta = build_mlflow_model(export)
+    finally:
+        os.umask(old)
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in [folder, *folder.rglob("*")])  # teammates read it
     assert folder == export / "mlflow_model" and meta["step"] == 7
     assert (folder / "code" / "pipeline" / "model" / "vit.py").is_file()
     assert not (folder / "code" / "pipeline" / "tracking").exists()  # the model's code only
@@ -70,22 +76,31 @@ def test_headline_takes_the_last_eval_and_the_best_top1() -> None:
     assert headline([], None) == {}
 
 
-def test_logged_once_loadable_by_run_and_registered_with_the_metrics(mlflow_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["server", "sqlite"])
+def test_logged_once_loadable_by_run_and_registered_with_the_metrics(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local store's registry once resolved the model through the global tracking URI (a new
+    # ./mlflow.db in the working directory) and failed: run from an empty directory to see that.
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    uri = request.getfixturevalue("mlflow_server").url if store == "server" else f"sqlite:///{tmp_path}/mlflow.db"
     export = _export(tmp_path / "export")
     folder, meta = build_mlflow_model(export)
-    client = MlflowClient(mlflow_server.url)
-    exp = client.create_experiment(f"models-{tmp_path.name}")
+    client = MlflowClient(uri)
+    exp = Store(uri).experiment_id(f"models-{tmp_path.name}")  # a local store's artifacts beside its database
     run_id = client.create_run(exp, run_name="unit").info.run_id
     metrics = {"eval/top1": 0.625, "eval/loss": 1.25, "best_top1": 0.75}
     record = model_record(folder, meta, register_as=f"vit-{tmp_path.name}", metrics=metrics, run_name="unit")
-    store = Store(mlflow_server.url)
-    store.deliver(run_id, [record])
-    store.deliver(run_id, [record])  # a replay of the same export: nothing twice
+    writer = Store(uri)
+    writer.deliver(run_id, [record])
+    writer.deliver(run_id, [record])  # a replay of the same export: nothing twice
 
-    v = assert_run_model(mlflow_server.url, run_id, export, register_as=f"vit-{tmp_path.name}")
+    v = assert_run_model(uri, run_id, export, register_as=f"vit-{tmp_path.name}")
     assert len(client.search_model_versions(f"name = 'vit-{tmp_path.name}'")) == 1
     assert {k: v.tags[k] for k in metrics} == {"eval/top1": "0.625", "eval/loss": "1.25", "best_top1": "0.75"}
     assert "eval/top1 0.6250" in v.description and "run unit, step 7" in v.description
+    assert list((tmp_path / "cwd").iterdir()) == []
 
 
 def test_a_half_uploaded_model_of_an_interrupted_delivery_is_replaced(mlflow_server, tmp_path: Path) -> None:
