@@ -9,6 +9,7 @@ files hold only what differs (``configs/``), loaded strictly by :mod:`pipeline.c
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -317,12 +318,31 @@ class TrackingConfig:
     max_retries: int = 2
     retry_s: float = 10.0  # while the server is down, how often to check whether it is back
     tags: dict[str, str] = field(default_factory=dict)
+    # "": no registration; else the Model Registry name the run's model (a fine-tune's best
+    # evaluation, else the final export) is registered under at the end of the run
+    register_as: str = ""
 
     def __post_init__(self) -> None:
+        if self.register_as:
+            why = registry_name_problem(self.register_as)
+            _require(why is None, f"tracking.register_as={self.register_as!r}: {why}")
         _require(self.timeout_s > 0, "tracking.timeout_s must be > 0")
         _require(self.max_retries >= 0, "tracking.max_retries must be >= 0")
         _require(self.retry_s > 0, f"tracking.retry_s must be > 0 (seconds between checks), got {self.retry_s}")
         refuse_uri_credentials(self.uri, "tracking.uri")
+
+
+def registry_name_problem(name: str) -> str | None:
+    """Why MLflow's Model Registry would refuse ``name`` (its rules, mlflow.utils.validation), or None."""
+    fix = posixpath.normpath(name.replace("/", "-").replace(":", "-").strip()).lstrip("./") or "my-model"
+    if not name.strip():
+        return "a registered model name cannot be blank; e.g. tracking.register_as=my-model"
+    if "/" in name or ":" in name:
+        return f"a registered model name cannot contain '/' or ':'; e.g. tracking.register_as={fix}"
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(".."):
+        return f"MLflow refuses '.' and names starting with '..' (they read as paths); e.g. tracking.register_as={fix}"
+    return None
 
 
 def redact_uri(uri: str) -> str:

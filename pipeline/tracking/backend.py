@@ -199,6 +199,10 @@ class Store:
             self.client.log_artifact(run_id, str(path), group[0].get("dir"))
         elif kind == "i":
             self.client.log_inputs(run_id, datasets=[_dataset_input(d) for d in group[0]["v"]])
+        elif kind == "model":
+            from pipeline.tracking.models import deliver_model
+
+            deliver_model(self.client, run_id, group[0])
         elif kind == "end":
             self.client.set_terminated(run_id, group[0]["status"], end_time=group[0]["ts"])
         else:
@@ -227,13 +231,13 @@ def _clip_tags(tags: dict[str, str]) -> dict[str, str]:
 
 def plan_requests(records: list[Record]) -> list[list[Record]]:
     """Split records into requests, keeping their order: runs of metric/param/tag records fill
-    one ``log_batch`` up to MLflow's limits; an artifact, dataset inputs or the end of the run goes alone."""
+    one ``log_batch`` up to MLflow's limits; an artifact, dataset inputs, a model or the end of the run goes alone."""
     groups: list[list[Record]] = []
     cur: list[Record] = []
     n_m = n_p = n_g = 0
     for r in records:
         kind = r["t"]
-        if kind in ("a", "i", "end"):
+        if kind in ("a", "i", "model", "end"):
             if cur:
                 groups.append(cur)
             groups.append([r])

@@ -40,7 +40,7 @@ WAL_FILE = "tracking_wal.jsonl"
 LOCK_FILE = "tracking.lock"
 LEASE_STALE_S = 60.0  # a writer that has not renewed its lease for this long is gone
 
-Record = dict[str, Any]  # {"t": "m"|"p"|"g"|"a"|"i"|"end", ...}; see tracker.py
+Record = dict[str, Any]  # {"t": "m"|"p"|"g"|"a"|"i"|"model"|"end", ...}; see tracker.py
 
 
 _STATE_LOCK = threading.Lock()

@@ -38,6 +38,9 @@ Role = Literal["writer", "node", "none"]
 Status = Literal["FINISHED", "FAILED", "KILLED"]
 
 AT_EXIT_TIMEOUT_S = 5.0
+# close() waits this much longer once a model was logged: its weights are one upload of up to
+# gigabytes, and a model cut off is only delivered by the next start of the run.
+MODEL_UPLOAD_S = 600.0
 
 
 class Tracker:
@@ -61,6 +64,11 @@ class Tracker:
 
     def log_datasets(self, inputs: list[DatasetInput]) -> None:
         """Record the data set splits the run reads as MLflow dataset inputs (idempotent per run)."""
+
+    def log_model(self, export_dir: Path, *, register_as: str = "", best_top1: float | None = None) -> None:
+        """Log the export in ``export_dir`` as the run's MLflow model ``runs:/<run_id>/model``
+        (tracking/models.py) and register it under ``register_as`` when set, tagged with the run's
+        headline metrics (``best_top1``: the best evaluation, when the caller kept it)."""
 
     def log_history_plot(self) -> None:
         """Render the loss/accuracy PNG from every metric logged so far and upload it."""
@@ -183,6 +191,7 @@ class WriterTracker(Tracker):
         self._closed = False
         self._undelivered = 0
         self._nonzero: set[str] = set()  # QUIET_WHILE_ZERO keys that were non-zero once: sent from then on
+        self._model_wait_s = 0.0
         self.log_params(params)
         self._delivery.start()
         atexit.register(self._at_exit)
@@ -260,6 +269,22 @@ class WriterTracker(Tracker):
         if inputs and not self._closed:
             self._accept({"t": "i", "v": [d.to_record() for d in inputs]})
 
+    def log_model(self, export_dir: Path, *, register_as: str = "", best_top1: float | None = None) -> None:
+        if self._closed:
+            return
+        from pipeline.tracking.models import build_mlflow_model, headline, model_record
+
+        try:
+            # Built here (seconds, at the end of a run) into the run dir: the record names a folder
+            # that outlives a down server, like any artifact; the upload is the delivery thread's.
+            folder, meta = build_mlflow_model(Path(export_dir))
+        except Exception as e:  # a model the store cannot have must never fail a finished run
+            log.warning("tracking: %s not saved as an MLflow model: %s", export_dir, e)
+            return
+        metrics = headline(self._past + self._logged, best_top1)
+        self._model_wait_s = MODEL_UPLOAD_S
+        self._accept(model_record(folder, meta, register_as=register_as, metrics=metrics, run_name=self._run_name))
+
     def rolled_back(self, to_step: int, from_step: int | None = None) -> None:
         if self._closed:
             return
@@ -298,6 +323,7 @@ class WriterTracker(Tracker):
     def close(self, status: Status = "FINISHED", timeout_s: float = 30.0, *, plot: bool = True) -> None:
         if self._closed:
             return
+        timeout_s += self._model_wait_s
         deadline = time.monotonic() + timeout_s
         if plot:
             self.log_history_plot()

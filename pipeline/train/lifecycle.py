@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from pipeline.artifacts import checkpoints as stored
 from pipeline.artifacts.checkpoints import CheckpointError, ResumeInfo
+from pipeline.artifacts.exports import WEIGHTS
 from pipeline.config import Config, config_to_dict, flatten, save_config
 from pipeline.data import TrainLoader, ValLoader, build_loader, build_val_loader, check_classes, read_index
 from pipeline.logs import StartupPhases, setup_logging, startup_log
@@ -402,6 +403,8 @@ def finish_run(r: Run, status: str, *, within_s: float | None = None) -> None:
                 out = export_checkpoint(stored.inspect_run_dir(r.run_dir), r.run_dir / "export", r.tracker.run_id)
                 r.tracker.log_artifact(out / "model.json", "export")
             dist.barrier()
+        if status == "FINISHED" and r.env.rank == 0:
+            _log_model(r)
     finally:
         run_lease.end_held(status)  # kept when KILLED: a requeued job adopts it
         if within_s is None:
@@ -410,3 +413,17 @@ def finish_run(r: Run, status: str, *, within_s: float | None = None) -> None:
             r.tracker.close(status, timeout_s=max(0.5, within_s), plot=False)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _log_model(r: Run) -> None:
+    """The run's model into MLflow (``runs:/<id>/model``; registered under tracking.register_as):
+    a fine-tune's best evaluation (export/best) when it kept one, else the final export. Once, at
+    the end, rather than at every new best: one upload of the weights per run."""
+    best, final = r.run_dir / "export" / "best", r.run_dir / "export"
+    source = next((d for d in (best, final) if (d / WEIGHTS).is_file()), None)
+    name = r.cfg.tracking.register_as
+    if source is None:
+        if name:
+            log.warning("tracking.register_as=%s: nothing registered, the run has no export", name)
+        return
+    r.tracker.log_model(source, register_as=name, best_top1=r.state.best_top1)

@@ -17,6 +17,7 @@ from pipeline.model import ViT
 from pipeline.model.convert import to_timm
 from pipeline.tracking import find_run
 from pipeline.tracking.uris import ui_run_path
+from tests.fixtures.mlflow_models import assert_run_model
 from tests.train.conftest import REPO, assert_ok, metrics, train
 
 DIGITS = REPO / "configs" / "finetune" / "digits.yaml"
@@ -116,7 +117,8 @@ def test_finetune_on_digits_learns_and_links_the_pretrain_run(
 ) -> None:
     run_dir = pretrained.parent / "digits_ft"
     proc = train(2, [f"finetune.init_from={pretrained}", f"data.path={digits_shards}", f"train.run_dir={run_dir}",
-                     "tracking.system_metrics=false", f"tracking.uri={mlflow_server.url}"], config=DIGITS)  # fmt: skip
+                     "tracking.system_metrics=false", f"tracking.uri={mlflow_server.url}",
+                     "tracking.register_as=digits-vit"], config=DIGITS)  # fmt: skip
     assert_ok(proc)
     assert "fine-tune init from" in proc.stdout and "re-initialised ['head.bias', 'head.weight']" in proc.stdout
     top1 = {s: m["eval/top1"] for s, m in metrics(run_dir).items() if "eval/top1" in m}
@@ -133,3 +135,8 @@ def test_finetune_on_digits_learns_and_links_the_pretrain_run(
     assert ft.tags["pretrain.step"] == "10"
     assert f"]({ui_run_path(pre.experiment_id, pre.run_id)})" in ft.tags["mlflow.note.content"]
     assert ft.metrics["eval/best_top1"] == pytest.approx(max(top1.values()))  # a metric: the runs table sorts by it
+    # The run's MLflow model is the best evaluation's export, registered with the run's numbers.
+    version = assert_run_model(ft.tracking_uri, ft.run_id, run_dir / "export" / "best", register_as="digits-vit")
+    assert float(version.tags["best_top1"]) == pytest.approx(max(top1.values()), rel=1e-5)
+    assert float(version.tags["eval/top1"]) == pytest.approx(top1[600], rel=1e-5)
+    assert f"step {meta['step']}" in version.description

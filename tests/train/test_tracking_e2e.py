@@ -15,6 +15,7 @@ import pytest
 from pipeline.data import read_index
 from pipeline.tracking import RunSummary, counted_history, find_run, metric_history
 from pipeline.tracking.read import list_artifacts
+from tests.fixtures.mlflow_models import assert_run_model
 from tests.train.conftest import SMOKE, assert_ok, metrics, start_training, train, wait_for
 
 STEPS = 120
@@ -31,7 +32,11 @@ def overrides(shards: Path, run_dir: Path, uri: str, *extra: str) -> list[str]:
 @pytest.mark.timeout(660)  # two runs and a replay; 420 s ran out on a loaded 2-core machine
 def test_server_killed_mid_run(mlflow_server, synthetic_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    job = start_training(2, overrides(synthetic_shards, run_dir, mlflow_server.url), log=tmp_path / "train.log")
+    register = f"tiny-vit-{tmp_path.name}"  # the end-of-run export, logged while the server is down
+    job = start_training(
+        2, overrides(synthetic_shards, run_dir, mlflow_server.url, f"tracking.register_as={register}"),
+        log=tmp_path / "train.log",
+    )  # fmt: skip
     try:
         wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 20, 240, "20 steps")
         mlflow_server.kill()
@@ -57,7 +62,10 @@ def test_server_killed_mid_run(mlflow_server, synthetic_shards: Path, tmp_path: 
 
     # The next start of this (complete) run replays the buffer into the same MLflow run.
     # Patient requests for the replay: a loaded machine can take over a second per batch request.
-    again = train(2, overrides(synthetic_shards, run_dir, mlflow_server.url, "tracking.timeout_s=30"))
+    again = train(
+        2, overrides(synthetic_shards, run_dir, mlflow_server.url, "tracking.timeout_s=30",
+                     f"tracking.register_as={register}"),
+    )  # fmt: skip
     assert_ok(again)
     assert "already complete" in again.stdout
     run = find_run(run_dir)
@@ -71,6 +79,12 @@ def test_server_killed_mid_run(mlflow_server, synthetic_shards: Path, tmp_path: 
     assert run.metrics["eval/top1"] >= 0.9
     artifacts = list_artifacts(run.tracking_uri, run.run_id)
     assert "config.yaml" in artifacts and any(a.endswith(".png") for a in artifacts)
+    # The model, buffered by the first start and replayed by the second (which finished the same
+    # export again): one logged model, loadable by run, predicting the export's logits; one version.
+    version = assert_run_model(run.tracking_uri, run.run_id, run_dir / "export", register_as=register)
+    assert float(version.tags["eval/top1"]) == pytest.approx(run.metrics["eval/top1"], rel=1e-5)
+    assert float(version.tags["eval/loss"]) == pytest.approx(run.metrics["eval/loss"], rel=1e-5)
+    assert float(version.tags["best_top1"]) >= float(version.tags["eval/top1"])
 
 
 @pytest.mark.timeout(420)
