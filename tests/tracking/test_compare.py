@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
-from pipeline.config import TrackingConfig, flatten, load_config
+from pipeline.config import Config, TrackingConfig, config_to_dict, flatten, load_config
+from pipeline.model import ViT
 from pipeline.tracking import (
     find_run,
     open_tracker,
@@ -24,6 +26,8 @@ from pipeline.tracking import (
 )
 from pipeline.tracking.datasets import split_inputs
 from pipeline.tracking.tags import SOURCE_ENV, source_name, source_tags
+from pipeline.train.export import write_export
+from tests.fixtures.mlflow_models import assert_run_model
 from tests.fixtures.mlflow_server import MlflowTestServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,12 +83,21 @@ def smoke_runs(mlflow_server: MlflowTestServer, tmp_path_factory: pytest.TempPat
             tracker.log_metrics({"train/mfu": 0.25}, step)
         tracker.log_metrics({"eval/top1": top1, "eval/loss": 1.0 / top1}, 10)
         tracker.log_datasets(DATASET)
+        if not run_dirs:  # the first run also carries its export as an MLflow model, as a finished run does
+            tracker.log_model(_tiny_export(cfg, run_dir / "export", tracker.run_id))
         tracker.close()
         run_dirs.append(run_dir)
         names.append(name)
         run_ids.append(tracker.run_id)
     return SmokeRuns(mlflow_server, run_dirs, names, run_ids, find_run(run_dirs[0]).experiment_id,
                      _finetunes(mlflow_server, root, run_dirs))  # fmt: skip
+
+
+def _tiny_export(cfg: Config, out: Path, run_id: str | None) -> Path:
+    torch.manual_seed(0)
+    state = ViT(**cfg.model.vit_kwargs()).state_dict()
+    return write_export(state, config_to_dict(cfg.model), out, step=10, source="final", run_id=run_id,
+                        data=config_to_dict(cfg.data))  # fmt: skip
 
 
 def _finetunes(server: MlflowTestServer, root: Path, pretrain_dirs: list[Path]) -> dict[str, str]:
@@ -121,6 +134,8 @@ def test_runs_carry_their_dataset_and_fine_tunes_link_their_pretrain_run(smoke_r
     link = f"[{smoke_runs.names[0]}](#/experiments/{smoke_runs.experiment_id}/runs/{smoke_runs.run_ids[0]}?"
     assert link in ft.data.tags["mlflow.note.content"]
     assert ft.data.metrics["eval/best_top1"] == 0.75
+    # The first run's export is its MLflow model (listed in its outputs, predicting the export's logits).
+    assert_run_model(smoke_runs.server.url, smoke_runs.run_ids[0], smoke_runs.run_dirs[0] / "export")
     kind = client.get_experiment(smoke_runs.experiment_id).tags["mlflow.experimentKind"]
     assert kind == "custom_model_development"
 
@@ -256,8 +271,6 @@ def test_mlflow_ui_sorts_by_best_top1_shows_the_dataset_and_opens_the_pretrain_r
             assert re.search(r"Source\s*python -m pipeline\.train --config\s+configs/smoke\.yaml", body)
             assert re.search(r"Created by\s*smoke-user", body)
             page.screenshot(path=ARTIFACTS / "mlflow_run_dataset.png")
-
-            # Logged model (issue 15): the MLflow-model helper asserts the run page's model box here.
 
             ft_id = smoke_runs.finetunes[ft_names[0]]
             page.goto(ui_run_url(base, exp, ft_id))
