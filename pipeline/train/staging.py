@@ -53,7 +53,7 @@ class HostStaging:
     def _tensor(self, t: torch.Tensor, name: str, storages: dict[int, torch.UntypedStorage]) -> torch.Tensor:
         assert type(t) in (torch.Tensor, torch.nn.Parameter), f"cannot stage a {type(t).__name__} in {name}"
         src = t.untyped_storage()
-        dst = storages.get(src._cdata)  # _cdata: the storage's identity, as torch.save keys it
+        dst = storages.get(_storage_key(src))
         if dst is None:
             slot = (name, len(storages))
             dst = self._buffers.get(slot)
@@ -63,7 +63,7 @@ class HostStaging:
                     dst = dst.pin_memory()  # device-to-host copies at full speed
                 self._buffers[slot] = dst
             dst.copy_(src)
-            storages[src._cdata] = dst
+            storages[_storage_key(src)] = dst
         out = torch.empty(0, dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
         if isinstance(t, torch.nn.Parameter):
             out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
@@ -71,3 +71,9 @@ class HostStaging:
             out.requires_grad_(True)
         out.__dict__.update(copy.deepcopy(t.__dict__))  # attributes torch.save keeps (none in DeepSpeed's today)
         return out
+
+
+def _storage_key(storage: torch.UntypedStorage) -> tuple[str, int, int]:
+    """A storage's identity from public API: two live storages never share an address (empty ones
+    may, and they hold nothing to share), so tensors viewing one storage stay views of one copy."""
+    return str(storage.device), storage.data_ptr(), storage.nbytes()
