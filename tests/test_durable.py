@@ -113,6 +113,10 @@ ALLOWED = {
     ("pipeline/data/writer.py", "os.rename"): "swaps whole data-set directories into place, then fsyncs the parent",
     ("pipeline/train/lease.py", "os.rename"): "moves a lease file aside to remove it: of two removers only one wins",
     ("pipeline/tracking/delivery.py", "self._buffer.replace"): "JsonlFile.replace, which writes via atomic_write",
+    (
+        "pipeline/tracking/models.py",
+        "staged.rename",
+    ): "swaps a whole MLflow model folder (files fsynced) in",
 }
 
 

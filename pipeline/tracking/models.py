@@ -43,6 +43,7 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline import metric_names as mn
 from pipeline.artifacts.exports import load_export
+from pipeline.durable import fsync_path
 from pipeline.tracking.state import Record
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,13 @@ def build_mlflow_model(export_dir: Path) -> tuple[Path, dict]:
             signature=signature, metadata={"export_step": meta.get("step"), "export_source": meta.get("source")},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"einops=={einops.__version__}"],
         )  # fmt: skip
+        for f in staged.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
         if out.exists():
             shutil.rmtree(out)
-        staged.rename(out)
+        staged.rename(out)  # a whole folder swapped in: a reader sees the old one, the new one or none
+    fsync_path(out.parent)
     return out, meta
 
 
