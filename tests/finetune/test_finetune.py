@@ -133,7 +133,10 @@ def test_finetune_on_digits_learns_and_links_the_pretrain_run(
     step_dir = str(pretrained / "checkpoints" / "step_00000010")
     assert ft.tags["pretrain.step_dir"] == ft.tags["pretrain.checkpoint"] == ft.tags["finetune.init_from"] == step_dir
     assert ft.tags["pretrain.step"] == "10"
-    assert f"]({ui_run_path(pre.experiment_id, pre.run_id)})" in ft.tags["mlflow.note.content"]
+    from mlflow import MlflowClient  # find_run's summary leaves out MLflow's own mlflow.* tags
+
+    note = MlflowClient(ft.tracking_uri).get_run(ft.run_id).data.tags["mlflow.note.content"]
+    assert f"]({ui_run_path(pre.experiment_id, pre.run_id)})" in note
     assert ft.metrics["eval/best_top1"] == pytest.approx(max(top1.values()))  # a metric: the runs table sorts by it
     # The run's MLflow model is the best evaluation's export, registered with the run's numbers.
     version = assert_run_model(ft.tracking_uri, ft.run_id, run_dir / "export" / "best", register_as="digits-vit")

@@ -134,8 +134,9 @@ def assert_run_page_filled(run: RunSummary, lines: list[dict], shards: Path) -> 
     }
     assert {k: v["num_rows"] for k, v in got.items()} == want
     assert json.loads(inputs[0].dataset.source)["uri"] == str(shards.resolve())
-    assert run.tags["mlflow.source.name"] == f"python -m pipeline.train --config {SMOKE}"
-    assert run.tags["mlflow.source.type"] == "JOB" and run.tags["mlflow.user"]
+    tags = client.get_run(run.run_id).data.tags  # find_run's summary leaves out MLflow's own mlflow.* tags
+    assert tags["mlflow.source.name"] == f"python -m pipeline.train --config {SMOKE}"
+    assert tags["mlflow.source.type"] == "JOB" and tags["mlflow.user"]
     assert client.get_experiment(run.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     skipped = {k for rec in lines for k in rec if k.startswith("data/skipped_")}
     assert len(skipped) >= 5 and all(rec[k] == 0 for rec in lines for k in skipped if k in rec)  # zero all run
