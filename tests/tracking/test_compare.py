@@ -270,7 +270,12 @@ def test_mlflow_ui_sorts_by_best_top1_shows_the_dataset_and_opens_the_pretrain_r
             assert re.search(r"synthetic \(0123456789abcdef\)\s*Training", body), "the train split's dataset input"
             assert re.search(r"Source\s*python -m pipeline\.train --config\s+configs/smoke\.yaml", body)
             assert re.search(r"Created by\s*smoke-user", body)
+            # A run with a logged model gets MLflow 3's "Logged models (N)" table (loaded after the details).
             page.screenshot(path=ARTIFACTS / "mlflow_run_dataset.png")
+            logged = page.get_by_text("Logged models (1)", exact=True).first
+            logged.wait_for(state="visible", timeout=60_000)
+            logged.scroll_into_view_if_needed()
+            page.screenshot(path=ARTIFACTS / "mlflow_run_logged_model.png")
 
             ft_id = smoke_runs.finetunes[ft_names[0]]
             page.goto(ui_run_url(base, exp, ft_id))
