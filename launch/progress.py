@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.artifacts.exports import run_export
 from pipeline.metric_names import EVAL_TOP1, TRAIN_IMG_PER_S, TRAIN_LOSS
 from pipeline.tracking import read_tracking_state, ui_run_url
 from pipeline.train.metrics_log import read_metrics_log
@@ -120,14 +121,6 @@ def _wall_time(data: dict[str, Any]) -> float | None:
     return (end - start).total_seconds()
 
 
-def _export_dir(run_dir: Path) -> Path | None:
-    """The fine-tune's best weights when kept, else the end-of-run export."""
-    for folder in (run_dir / "export" / "best", run_dir / "export"):
-        if (folder / "model.safetensors").is_file():
-            return folder
-    return None
-
-
 def summary_lines(run_dir: str | Path, data: dict[str, Any]) -> list[str]:
     """What ``--follow`` prints after the job ended: results, where they are, and what it took."""
     run_dir = Path(run_dir)
@@ -139,7 +132,7 @@ def summary_lines(run_dir: str | Path, data: dict[str, Any]) -> list[str]:
         lines.append(f"reached step {p.step}/{p.total}, last train loss {p.loss:.4f}")
         if p.best_top1 is not None:
             lines.append(f"eval top-1: final {p.last_top1:.4f}, best {p.best_top1:.4f}")
-    export = _export_dir(run_dir)
+    export = run_export(run_dir)
     lines.append(f"export: {export if export else 'none'}")
     lines.append(f"MLflow run: {run_link(run_dir)}")
     wall = _wall_time(data)

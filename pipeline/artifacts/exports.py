@@ -19,6 +19,13 @@ META = "model.json"
 TIMM_CONFIG = "config.json"
 
 
+def run_export(run_dir: str | Path) -> Path | None:
+    """The export that stands for a run: a fine-tune's best evaluation (export/best) when it kept
+    one, else the end-of-run export (export); None when the run has neither."""
+    root = Path(run_dir) / "export"
+    return next((d for d in (root / "best", root) if (d / WEIGHTS).is_file()), None)
+
+
 def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, metadata) of an export directory or its model.safetensors file."""
     path = Path(path)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pipeline.artifacts import checkpoints as stored
 from pipeline.artifacts.checkpoints import CheckpointError, ResumeInfo
-from pipeline.artifacts.exports import WEIGHTS
+from pipeline.artifacts.exports import run_export
 from pipeline.config import Config, config_to_dict, flatten, save_config
 from pipeline.data import TrainLoader, ValLoader, build_loader, build_val_loader, check_classes, read_index
 from pipeline.logs import StartupPhases, setup_logging, startup_log
@@ -419,8 +419,7 @@ def _log_model(r: Run) -> None:
     """The run's model into MLflow (``runs:/<id>/model``; registered under tracking.register_as):
     a fine-tune's best evaluation (export/best) when it kept one, else the final export. Once, at
     the end, rather than at every new best: one upload of the weights per run."""
-    best, final = r.run_dir / "export" / "best", r.run_dir / "export"
-    source = next((d for d in (best, final) if (d / WEIGHTS).is_file()), None)
+    source = run_export(r.run_dir)
     name = r.cfg.tracking.register_as
     if source is None:
         if name:
