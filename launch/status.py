@@ -6,7 +6,6 @@ checkpoint and the tracker's ``tracking.json`` for the MLflow run id. No submiti
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from launch.jobfile import (
     update_job_file,
 )
 from pipeline.proc import pid_alive
+from pipeline.tracking import read_tracking_state
 
 FINAL = cluster.FINAL_STATES | {"KILLED"}
 # SLURM states in which a job was stopped from outside rather than failing by itself.
@@ -71,12 +71,9 @@ def _last_checkpoint(run_dir: Path) -> str:
 
 
 def _mlflow_run_id(run_dir: Path, data: dict[str, Any]) -> str:
-    try:
-        state = json.loads((run_dir / "tracking.json").read_text())
-        if isinstance(state, dict) and state.get("run_id"):
-            return str(state["run_id"])
-    except (OSError, ValueError):
-        pass
+    state = read_tracking_state(run_dir)
+    if state.get("run_id"):
+        return str(state["run_id"])
     ids = [a.get("mlflow_run_id") for a in data.get("attempts", []) if a.get("mlflow_run_id")]
     return ids[-1] if ids else "-"
 
