@@ -21,6 +21,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -400,7 +402,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    os.environ[SOURCE_ENV] = source_name("launch/submit.py", args.config)  # the job inherits it: MLflow's Source
+    with _job_env(SOURCE_ENV, source_name("launch/submit.py", args.config)):  # the job inherits it: MLflow's Source
+        return _launch(cfg, args, argv)
+
+
+@contextmanager
+def _job_env(name: str, value: str) -> Iterator[None]:
+    """Set a variable the job inherits (SLURM exports the submitter's environment, the local executor copies
+    it), then put it back: a caller that runs main() in-process must not pass it on to its next job."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _launch(cfg: Config, args: argparse.Namespace, argv: list[str]) -> int:
     try:
         choice = choose_executor(cfg)
         print(f"executor: {choice.kind} ({choice.reason})")

@@ -13,6 +13,7 @@ import pytest
 from launch import submit
 from launch.cluster import parse_time_min
 from pipeline.config import load_config
+from pipeline.tracking.tags import SOURCE_ENV
 from tests.launch.conftest import REPO, run_launcher, smoke_args
 
 FLAGS = ["--config", "--nodes", "--gpus-per-node", "--cpus-per-task", "--mem", "--partition", "--account", "--qos",
@@ -173,6 +174,8 @@ def test_run_dir_with_only_partial_checkpoints_is_refused(
     err = capsys.readouterr().err
     assert "holds 1 checkpoint(s)" in err and "none is complete" in err and "Refusing to start fresh" in err
     _nothing_submitted(run_dir)
+    # The Source tag meant for the job must not outlive main(): a later in-process job would report it as its own.
+    assert SOURCE_ENV not in os.environ
 
 
 @pytest.mark.timeout(60)
