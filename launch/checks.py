@@ -42,7 +42,10 @@ def check_classes(cfg: Config) -> str:
     from pipeline.data import PreflightError, check_classes, read_index
 
     try:
-        return "classes: " + check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key)
+        index = read_index(cfg.data.path)
+        return "classes: " + check_classes(
+            index, cfg.model.num_classes, key=cfg.head_key, labels_needed=cfg.labels_needed
+        )
     except PreflightError as e:
         raise Refused(f"data preflight: {e}") from None
 

@@ -556,6 +556,11 @@ class Config:
         )
 
     @property
+    def labels_needed(self) -> bool:
+        """Whether the objective trains on labels (MAE reconstructs pixels; labels only feed its monitor)."""
+        return self.train.objective != "mae"
+
+    @property
     def head_key(self) -> str:
         """The key that sets the classifier's outputs (model.num_classes follows it when fine-tuning)."""
         return "finetune.num_classes" if self.finetune.enabled else "model.num_classes"

@@ -5,7 +5,7 @@ Public API (the training engine, launcher and fine-tune code call these)::
     build_loader(cfg.data, rank=, world_size=, batch_size=, image_size=, seed=, pin_memory=False)
     build_val_loader(cfg.data, rank=, world_size=, batch_size=, image_size=)
     preflight(path, split=, ranks=, workers=, decode=) -> PreflightReport
-    check_classes(index, num_classes, key=) -> str   (the head fits the labels; labels exist)
+    check_classes(index, num_classes, key=, labels_needed=) -> str   (the head fits the labels; labels exist)
     read_index(path) -> DataIndex
     MixupCutmix(cfg.data, num_classes, seed=, rank=), soft_target_cross_entropy(logits, targets)
     write_synthetic(...), write_digits(...), write_imagefolder(...)
@@ -26,6 +26,8 @@ from pipeline.data.preflight import PreflightReport, check_classes, preflight  #
 # The rest loads on first use: the preflight CLI and the launcher run without importing torch.
 _LAZY = {
     "COUNTER_NAMES": "samples",
+    "NO_LABEL": "samples",
+    "SKIPPED": "samples",
     "TrainLoader": "train_stream",
     "ValLoader": "val",
     "build_loader": "loader",
@@ -41,7 +43,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from pipeline.data.loader import build_loader, build_val_loader
     from pipeline.data.mix import MixupCutmix, one_hot, soft_target_cross_entropy
-    from pipeline.data.samples import COUNTER_NAMES
+    from pipeline.data.samples import COUNTER_NAMES, NO_LABEL, SKIPPED
     from pipeline.data.train_stream import TrainLoader
     from pipeline.data.val import ValLoader
     from pipeline.data.writer import write_digits, write_imagefolder, write_synthetic
@@ -58,8 +60,10 @@ __all__ = [
     "DataError",
     "DataIndex",
     "MixupCutmix",
+    "NO_LABEL",
     "PreflightError",
     "PreflightReport",
+    "SKIPPED",
     "TrainLoader",
     "ValLoader",
     "build_loader",

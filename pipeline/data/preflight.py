@@ -90,17 +90,23 @@ def check_geometry(
     return slots, per_slot, nb
 
 
-def check_classes(index: DataIndex, num_classes: int, *, key: str = "model.num_classes") -> str:
+def check_classes(
+    index: DataIndex, num_classes: int, *, key: str = "model.num_classes", labels_needed: bool = True
+) -> str:
     """The classifier head (``key`` = ``num_classes`` outputs) can take every label of the index.
 
     Called by the launcher's preflight and by every rank before its first step: a label past the
-    head is an index error at step 1 on a CPU and a device-side assert on a GPU.
+    head is an index error at step 1 on a CPU and a device-side assert on a GPU. An objective that
+    reads no labels (``labels_needed=False``: MAE) trains on unlabeled data; labels it does get are
+    still checked, as its k-NN monitor votes over ``num_classes`` classes.
     """
     if index.label.kind == "none":
+        if not labels_needed:
+            return "no labels (indexed --unlabeled): the objective reads none; label-based monitors are off"
         raise PreflightError(
             f"{index.location} is indexed without labels (--unlabeled), but classification training needs a label "
-            f"per sample: re-index with `cls` members or `--label json:FIELD` (unlabeled data is for a "
-            f"self-supervised objective, which this pipeline does not have yet)"
+            f"per sample: re-index with `cls` members or `--label json:FIELD`, or pretrain on it with "
+            f"train.objective=mae, which reads no labels"
         )
     have = index.num_classes
     if have > num_classes:

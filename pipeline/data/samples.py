@@ -13,13 +13,17 @@ import numpy as np
 import torch
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.errors import PreflightError
 from pipeline.data.index import CLS_LABELS, DataIndex, LabelSpec
 from pipeline.data.tario import SKIP_KINDS, RawSample, ReaderCache
 from pipeline.data.transforms import Decoder
 from pipeline.metric_names import DATA_SAMPLES_READ, data_skipped
 
 COUNTER_NAMES = (*(data_skipped(k) for k in SKIP_KINDS), DATA_SAMPLES_READ)
+# A batch's label per entry: a class index; NO_LABEL for a readable sample of an unlabeled data set (an
+# objective such as MAE reads no labels); SKIPPED for an entry that holds no sample (padding of the last
+# val batch, or an unreadable sample). Separate values, so that "no label" never reads as "no image".
+NO_LABEL = -1
+SKIPPED = -2
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -38,13 +42,8 @@ class Source:
     @classmethod
     def of(cls, index: DataIndex, split: str) -> Source:
         info = index.split(split)
-        if index.label.kind == "none":
-            # Batches carry labels, and -1 marks an unreadable entry; unlabeled data needs an objective
-            # that reads no labels (e.g. MAE), which this loader does not serve yet.
-            raise PreflightError(
-                f"{index.path} is indexed without labels (--unlabeled); the train/val loaders feed a classification "
-                f"objective, which needs one: re-index with `cls` members or `--label json:FIELD`"
-            )
+        # Unlabeled data loads too (its samples carry NO_LABEL); whether the objective can train on it is
+        # check_classes' question, asked by the launcher and by every rank before the loaders start.
         return cls(
             str(index.root),
             tuple(s.name for s in info.shards),

@@ -15,7 +15,7 @@ import torch
 from pipeline.data.errors import DataError
 from pipeline.data.pixels import decode_or_skip
 from pipeline.data.plan import EpochPlan, emission_order, rng
-from pipeline.data.samples import Tally, read_positions
+from pipeline.data.samples import SKIPPED, Tally, read_positions
 from pipeline.data.tario import RawSample, ReaderCache
 from pipeline.data.transforms import CropDraws, batch_tensor, crop_resize
 from pipeline.metric_names import DATA_SAMPLES_READ
@@ -60,7 +60,7 @@ class SlotEpoch:
         )
         batch = batch_tensor((B, *look.image_size, 3), torch.uint8)  # (B, H, W, 3), shared memory in a worker
         u8 = batch.numpy()
-        labels = torch.full((B,), -1, dtype=torch.int64)
+        labels = torch.full((B,), SKIPPED, dtype=torch.int64)
         keys = [s.key for s in entries]
         self.tally.counts[DATA_SAMPLES_READ] += B
         for i, sample in enumerate(entries):
@@ -69,11 +69,11 @@ class SlotEpoch:
                 u8[i], labels[i] = pixels, sample.label
             else:
                 self.tally.skip(kind, sample.shard)
-        good = (labels >= 0).nonzero().flatten().tolist()
+        good = (labels != SKIPPED).nonzero().flatten().tolist()
         if not good:
             good = self._rescue(u8, labels, keys, draws, j)
         for i in range(B):
-            if labels[i] < 0:  # stand-in: the next readable entry of the batch, cyclically
+            if labels[i] == SKIPPED:  # stand-in: the next readable entry of the batch, cyclically
                 src = next((g for g in good if g > i), good[0])
                 u8[i], labels[i], keys[i] = u8[src], labels[src], keys[src]
         return batch, labels, keys

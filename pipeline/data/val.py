@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.config.schema import DataConfig
 from pipeline.data.pixels import decode_or_skip
-from pipeline.data.samples import COUNTER_NAMES, Batch, Look, Source, Tally, read_positions
+from pipeline.data.samples import COUNTER_NAMES, SKIPPED, Batch, Look, Source, Tally, read_positions
 from pipeline.data.tario import RawSample
 from pipeline.data.transforms import Normalize, batch_tensor, crop_resize, eval_box
 from pipeline.data.workers import data_loader
@@ -63,7 +63,7 @@ class ValStream(IterableDataset):
         look, B = self.look, self.batch_size
         batch = batch_tensor((B, *look.image_size, 3), torch.uint8)  # (B, H, W, 3), shared memory in a worker
         u8 = batch.numpy()
-        labels = torch.full((B,), -1, dtype=torch.int64)
+        labels = torch.full((B,), SKIPPED, dtype=torch.int64)
         keys = [""] * B
         tally.counts[DATA_SAMPLES_READ] += len(samples)
         u8[len(samples) :] = 0  # padding
@@ -104,7 +104,7 @@ class ValLoader:
             yield (images, labels, keys) if self._with_keys else (images, labels)
 
     def counters(self) -> dict[str, int]:
-        """Cumulative over all passes: samples read and skipped by kind (skipped ones have label -1)."""
+        """Cumulative over all passes: samples read and skipped by kind (skipped ones have label SKIPPED)."""
         return dict(self._counts)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from pipeline import metric_names as mn
 from pipeline.config import Config
-from pipeline.data import ValLoader, build_val_loader, read_index
+from pipeline.data import SKIPPED, ValLoader, build_val_loader, read_index
 from pipeline.data.plan import rng
 from pipeline.mae.monitor import knn_predict, reconstruction_grid, save_png
 from pipeline.model.mae import MAEOutput, MaskedAutoencoder
@@ -65,10 +65,10 @@ class MAEPretraining:
         for batch, (images, labels) in enumerate(r.val_loader):
             g = mask_generator(self.cfg.train.seed, r.env.rank, batch, _TAG_EVAL_MASK)
             out = r.engine(images.to(r.device, r.dtype), generator=g)
-            real = (labels >= 0).to(out.per_sample.device)  # padding entries keep the ranks' batch counts equal
+            real = (labels != SKIPPED).to(out.per_sample.device)  # padding entries keep the ranks' batch counts equal
             sums += torch.tensor([float(out.per_sample[real].sum()), float(real.sum())], dtype=torch.float64)
             if batch == 0 and r.env.rank == 0:
-                self._picture(r, images[labels >= 0], out.pred[real], out.mask[real])
+                self._picture(r, images[labels != SKIPPED], out.pred[real], out.mask[real])
         dist.all_reduce(sums)
         loss = float(sums[0] / sums[1].clamp(min=1))
         log.info("eval at step %d: masked-patch loss %.4f on %d images", r.state.step, loss, int(sums[1]))

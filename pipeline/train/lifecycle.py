@@ -132,7 +132,8 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
         "environment", f"{env.world_size} rank(s) on {env.num_nodes} node(s), {device}, torch {torch.__version__}"
     )
     # Before any weights exist: a label past the head would fail at step 1 (a device-side assert on a GPU).
-    log.info("data: %s", check_classes(read_index(cfg.data.path), cfg.model.num_classes, key=cfg.head_key))
+    index = read_index(cfg.data.path)
+    log.info("data: %s", check_classes(index, cfg.model.num_classes, key=cfg.head_key, labels_needed=cfg.labels_needed))
     phases.done("data index", cfg.data.path)
     run_dir = Path(cfg.train.run_dir).absolute()
     _hold_run_dir(run_dir, env)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import PreflightError, build_loader, check_classes, preflight, read_index
+from pipeline.data import NO_LABEL, PreflightError, build_loader, check_classes, preflight, read_index
 from pipeline.data.index import INDEX_NAME
 from pipeline.data.tario import ShardReader
 from tests.data.conftest import SIZE, data_cfg, keys_of, take
@@ -163,12 +163,34 @@ def test_unlabeled_shards_index_check_and_are_refused_for_classification(
     assert "400 samples in 9 shards, no classes (unlabeled) (checked: files, decode)" in report
     index = read_index(out)
     assert index.classes == () and index.splits["train"].unlabeled == 400
-    with pytest.raises(PreflightError, match=r"indexed without labels \(--unlabeled\), but classification training"):
+    with pytest.raises(
+        PreflightError, match=r"indexed without labels \(--unlabeled\), but classification training"
+    ) as excinfo:
         check_classes(index, 10)
-    with pytest.raises(PreflightError, match=r"re-index with `cls` members or `--label json:FIELD`"):
-        build_loader(data_cfg(out), rank=0, world_size=1, batch_size=8, image_size=SIZE, seed=0)
+    assert "pretrain on it with train.objective=mae" in str(excinfo.value)
+    assert check_classes(index, 10, labels_needed=False).startswith("no labels (indexed --unlabeled)")
     both = shards("index", json_label_shards, "--unlabeled", "--label", "json:label", "--out", out)
     assert both.returncode == 1 and "--unlabeled and --label json:label contradict each other" in both.stderr
+
+
+def test_unlabeled_shards_load_and_only_unreadable_samples_are_skipped(
+    shardwriter_shards: Path, tmp_path: Path
+) -> None:
+    """Indexed --unlabeled, the sample without a cls member is a good sample (no label is needed) and
+    only the corrupt image is skipped and stood in for: "no label" and "no image" are told apart."""
+    out = tmp_path / "unlabeled.json"
+    ok(shards("index", f"{shardwriter_shards}/train-*.tar", "--unlabeled", "--val-frac", "0", "--out", out,
+              "--no-progress"))  # fmt: skip
+    cfg = data_cfg(out, num_workers=0, shuffle_buffer=45)
+    with build_loader(cfg, rank=0, world_size=1, batch_size=8, image_size=SIZE, seed=0, with_keys=True) as loader:
+        batches = take(loader, loader.batches_per_epoch)
+        counters = loader.counters()
+    assert counters["data/skipped_corrupt_image"] == 1 and counters["data/skipped_missing_cls"] == 0
+    assert {int(v) for _, labels, _ in batches for v in labels} == {NO_LABEL}
+    keys = keys_of(batches)
+    assert len(keys) == 360 and "n00000100" not in keys and "n00000200" in keys
+    assert len(set(keys)) == 359  # one stand-in, for the corrupt image only
+    assert all(float(images.float().std()) > 0 for images, _, _ in batches)  # real pixels, no zero padding
 
 
 def test_seeded_hold_out_of_whole_shards(shardwriter_shards: Path, tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ One tracked pretraining run (a real MLflow server) feeds every test here:
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,7 @@ from pipeline.model.mae import MaskedAutoencoder
 from pipeline.tracking import find_run
 from pipeline.tracking.read import list_artifacts
 from pipeline.train import engine as ds
-from tests.train.conftest import SMOKE, assert_ok, kill_group, losses, metrics, start_training, train, wait_for
+from tests.train.conftest import REPO, SMOKE, assert_ok, kill_group, losses, metrics, start_training, train, wait_for
 
 STEPS = 60  # ~12 s of training on 2 CPU ranks (batch 32, lr 3e-3); the rest is start-up
 TINY_MAE = ["train.objective=mae", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=4"]
@@ -112,10 +114,21 @@ def test_knn_is_logged_and_the_reconstruction_picture_reaches_mlflow(mae_run: Pa
         assert (im.height, im.width) == PICTURE and im.mode == "RGB"
 
 
+def unlabeled_index(shards: Path, out: Path) -> Path:
+    """The same shards and splits, indexed --unlabeled (as a set without labels would be)."""
+    cmd = [sys.executable, "-m", "pipeline.data", "index", f"{shards}/train-*.tar", "--val", f"{shards}/val-000000.tar",
+           "--unlabeled", "--out", str(out), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "labels from none (unlabeled)" in proc.stdout, proc.stdout + proc.stderr
+    return out
+
+
 @pytest.mark.timeout(900)
 def test_kill_mid_checkpoint_then_resume_is_exact(mae_run: Path, synthetic_shards: Path, tmp_path: Path) -> None:
+    """On the same images indexed without labels: MAE trains on unlabeled data, and its losses are the
+    labeled reference's (labels never enter the objective), through a kill and an exact resume."""
     run_dir = tmp_path / "killed"
-    args = overrides(synthetic_shards, run_dir, "tracking.enabled=false")
+    args = overrides(unlabeled_index(synthetic_shards, tmp_path / "unlabeled.json"), run_dir, "tracking.enabled=false")
     # The last rank stalls after writing its step-40 shards; SIGKILL the job inside that window.
     job = start_training(2, args, env={"PIPELINE_TEST_SAVE_PAUSE": "60@40"}, log=tmp_path / "killed.log")
     partial = run_dir / "checkpoints" / "step_00000040"
@@ -127,6 +140,9 @@ def test_kill_mid_checkpoint_then_resume_is_exact(mae_run: Path, synthetic_shard
     resumed = train(2, args, timeout=540)
     assert_ok(resumed)
     assert "resumed from" in resumed.stdout and "step_00000020" in resumed.stdout
+    assert "no labels (indexed --unlabeled): the objective reads none" in resumed.stdout
+    assert resumed.stdout.count("k-NN monitor skipped: ") == 1  # said once, not at every eval
+    assert not any("eval/knn_top1" in m for m in metrics(run_dir).values())
     ref, got = losses(mae_run), losses(run_dir)
     assert [got[s] for s in range(25, STEPS + 1, 5)] == [ref[s] for s in range(25, STEPS + 1, 5)]  # exact
     assert metrics(run_dir)[STEPS]["eval/loss"] == metrics(mae_run)[STEPS]["eval/loss"]
