@@ -21,6 +21,7 @@ from tests.fixtures.mlflow_models import assert_run_model
 from tests.train.conftest import REPO, assert_ok, metrics, train
 
 DIGITS = REPO / "configs" / "finetune" / "digits.yaml"
+FT_STEPS = 300
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +119,14 @@ def test_finetune_on_digits_learns_and_links_the_pretrain_run(
     run_dir = pretrained.parent / "digits_ft"
     proc = train(2, [f"finetune.init_from={pretrained}", f"data.path={digits_shards}", f"train.run_dir={run_dir}",
                      "tracking.system_metrics=false", f"tracking.uri={mlflow_server.url}",
-                     "tracking.register_as=digits-vit"], config=DIGITS)  # fmt: skip
+                     "tracking.register_as=digits-vit", f"train.steps={FT_STEPS}", "train.eval_every=150"],
+                    config=DIGITS)  # fmt: skip
     assert_ok(proc)
     assert "fine-tune init from" in proc.stdout and "re-initialised ['head.bias', 'head.weight']" in proc.stdout
     top1 = {s: m["eval/top1"] for s, m in metrics(run_dir).items() if "eval/top1" in m}
-    assert sorted(top1) == [200, 400, 600]
-    assert top1[600] >= 0.45, f"digits top-1 {top1[600]:.3f} after 600 steps (chance: 0.1)"
+    assert sorted(top1) == [150, FT_STEPS]
+    # Half the demo's 600 steps (CI time); 0.41 here on 2026-12-02 (the demo's 600 steps: 0.87).
+    assert top1[FT_STEPS] >= 0.3, f"digits top-1 {top1[FT_STEPS]:.3f} after {FT_STEPS} steps (chance: 0.1)"
     best, meta = load_export(run_dir / "export" / "best")
     assert best["head.weight"].shape == (10, 64) and meta["step"] == max(top1, key=lambda s: (top1[s], -s))
     ft, pre = find_run(run_dir), find_run(pretrained)
@@ -141,5 +144,5 @@ def test_finetune_on_digits_learns_and_links_the_pretrain_run(
     # The run's MLflow model is the best evaluation's export, registered with the run's numbers.
     version = assert_run_model(ft.tracking_uri, ft.run_id, run_dir / "export" / "best", register_as="digits-vit")
     assert float(version.tags["best_top1"]) == pytest.approx(max(top1.values()), rel=1e-5)
-    assert float(version.tags["eval/top1"]) == pytest.approx(top1[600], rel=1e-5)
+    assert float(version.tags["eval/top1"]) == pytest.approx(top1[FT_STEPS], rel=1e-5)
     assert f"step {meta['step']}" in version.description

@@ -13,6 +13,14 @@
 # under /etc except the `node1 node2` line in /etc/hosts and, if missing, munge's key.
 set -euo pipefail
 
+# The daemons outlive this script and inherit its open files: a caller's lock file, or a test runner's
+# pipes, would be held until the cluster stops (a `flock LOCK make test` would lock out the next one).
+# Close every descriptor above stderr except bash's own handle on this script (255).
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then eval "exec $fd>&-"; fi
+done
+
 STATE=${PIPELINE_SLURM_DIR:-/tmp/pipeline-slurm}
 NODES=(node1 node2)
 CPUS_PER_NODE=${PIPELINE_SLURM_CPUS:-2}
