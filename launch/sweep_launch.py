@@ -36,32 +36,43 @@ def _member_config(args: argparse.Namespace, own: list[str], run_dir: Path) -> C
     return submit.resolve_config(member)
 
 
-def members_of(base: Config, args: argparse.Namespace) -> tuple[Path, list[Member]]:
-    """The sweep dir and its validated members; ConfigError for a bad sweep definition."""
+def _prepare(base: Config, args: argparse.Namespace) -> tuple[submit.Choice, Path, list[Member], dict]:
+    """Executor, sweep dir, validated members and sweep.json's content. ConfigError: a bad sweep
+    definition; checks.Refused: the cluster cannot take it (counted before any member is built)."""
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError(f"--max-parallel must be >= 1, got {args.max_parallel}")
     sets = sweep.expand(args.sweep, args.sweep_file)
+    choice = submit.choose_executor(base)
+    print(f"executor: {choice.kind} ({choice.reason})")
+    if choice.kind == "slurm":
+        print(f"ok: {check_array_size(len(sets))}")
     sweep_dir = sweep.sweep_dir_for(base, args.overrides)
     resolve = lambda own, run_dir: _member_config(args, own, run_dir)  # noqa: E731
-    return sweep_dir, sweep.build_members(sets, sweep_dir, base.name, resolve)
+    members = sweep.build_members(sets, sweep_dir, base.name, resolve)
+    if choice.kind == "slurm":
+        check_one_allocation(members)
+    return choice, sweep_dir, members, _record(sweep_dir, args, members)
 
 
-def check_array(members: list[Member]) -> str:
-    """SLURM: one array holds every member, so they share one resource request and fit MaxArraySize."""
+def check_array_size(count: int) -> str:
+    """SLURM: the array's indices 0..count-1 must stay below the cluster's MaxArraySize."""
+    limit = cluster.max_array_size()
+    if limit is not None and count > limit:
+        raise checks.Refused(
+            f"the sweep has {count} members but this cluster's MaxArraySize is {limit} (scontrol show "
+            f"config): split it into sweeps of at most {limit} members (e.g. fewer values per --sweep)"
+        )
+    return f"job array: {count} tasks (MaxArraySize {limit if limit is not None else 'unknown'})"
+
+
+def check_one_allocation(members: list[Member]) -> None:
+    """SLURM: a job array has one resource request, so every member must ask for the same launch.*."""
     for m in members[1:]:
         if m.cfg.launch != members[0].cfg.launch:
             raise checks.Refused(
                 f"sweep {m.describe()} asks for other resources (launch.*) than member 0: a job array has one "
                 "resource request; sweep launch.* keys with separate submits"
             )
-    limit = cluster.max_array_size()
-    if limit is not None and len(members) > limit:
-        raise checks.Refused(
-            f"the sweep has {len(members)} members but this cluster's MaxArraySize is {limit} (scontrol show "
-            f"config): split it into sweeps of at most {limit} members (e.g. fewer values per --sweep)"
-        )
-    said = f"MaxArraySize {limit}" if limit is not None else "MaxArraySize unknown"
-    return f"job array: {len(members)} tasks ({said}), one resource request for all"
 
 
 def _check_members(members: list[Member], kind: str) -> None:
@@ -106,21 +117,15 @@ def _release(members: list[Member], holders: list[lease.Holder]) -> None:
 def launch_sweep(base: Config, args: argparse.Namespace, argv: list[str]) -> int:
     """--sweep / --sweep-file: the exit status of launch/submit.py."""
     try:
-        sweep_dir, members = members_of(base, args)
-        record = _record(sweep_dir, args, members)
-    except ConfigError as e:
-        print(f"error: {e}\nnothing was submitted", file=sys.stderr)
-        return 2
-    try:
-        choice = submit.choose_executor(base)
-        print(f"executor: {choice.kind} ({choice.reason})")
+        choice, sweep_dir, members, record = _prepare(base, args)
         print(f"sweep {record['sweep_id']}: {len(members)} members in {sweep_dir}")
         print(sweep_table.expansion(record))
-        if choice.kind == "slurm":
-            print(f"ok: {check_array(members)}")
         if args.dry_run:
             return _dry_run(members, choice.kind)
         holders = _take_leases(members, args.force_unlock)
+    except ConfigError as e:
+        print(f"error: {e}\nnothing was submitted", file=sys.stderr)
+        return 2
     except (checks.Refused, container.ContainerError) as e:
         print(f"error: {e}\nnothing was submitted", file=sys.stderr)
         return 1

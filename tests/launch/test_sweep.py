@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import submit, sweep, sweep_launch, sweep_table
+from launch import cluster, submit, sweep, sweep_launch, sweep_table
 from launch.cluster import FINAL_STATES
 from launch.submit import Choice
 from pipeline.config import ConfigError
@@ -123,9 +123,16 @@ def test_more_members_than_max_array_size_is_refused(
     monkeypatch.setattr(submit, "choose_executor", lambda cfg: Choice("slurm", "a test's cluster"))
     monkeypatch.setattr(sweep_launch.cluster, "max_array_size", lambda: 3)
     args = smoke_args(synthetic_shards, tmp_path / "sw", "--sweep", "train.seed=1,2,3,4")
+    rc, out, err = _launch(args, capsys)
+    assert rc == 1 and "sweep " not in out  # refused before any member was built
+    assert "the sweep has 4 members but this cluster's MaxArraySize is 3" in err and "nothing was submitted" in err
+    _nothing_left(tmp_path / "sw")
+    # launch.nodes changes the recipe (another run dir) but an array has one resource request.
+    args = ["--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "sw"), f"data.path={synthetic_shards}",
+            "model.num_classes=4", "--sweep", "launch.nodes=1,2"]  # fmt: skip
     rc, _, err = _launch(args, capsys)
     assert rc == 1
-    assert "the sweep has 4 members but this cluster's MaxArraySize is 3" in err and "nothing was submitted" in err
+    assert "sweep member 1 (launch.nodes=2) asks for other resources (launch.*) than member 0" in err
     _nothing_left(tmp_path / "sw")
 
 
@@ -404,3 +411,28 @@ def test_sweep_array_members_requeue_fail_alone_and_group_in_mlflow(sweep_on_slu
     url = next(line for line in table if line.startswith("MLflow UI compare page: "))
     ids = [runs[i].info.run_id for i in order[:2]]
     assert all(i in url for i in ids) and runs[order[2]].info.run_id not in url
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_bad_sweeps_are_refused_before_the_real_cluster_queues_anything(
+    slurm_env, synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
+    limit = cluster.max_array_size()  # scontrol show config
+    assert limit is not None and limit > 4
+    cases = {
+        f"train.seed={','.join(map(str, range(limit + 1)))}": (
+            1, f"the sweep has {limit + 1} members but this cluster's MaxArraySize is {limit}"),
+        "optim.lrr=1,2": (2, "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+        "optim.lr=": (2, "empty value in the list of optim.lr"),
+        "train.log_every=5,10": (2, "would share the run dir"),
+    }  # fmt: skip
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_env, capture_output=True, text=True, timeout=30)
+    for axis, (code, message) in cases.items():
+        out = run_launcher([*smoke_args(synthetic_shards, tmp_path / "sw"), "--sweep", axis], env=slurm_env)
+        assert out.returncode == code and message in out.stderr, (axis[:40], out.stdout[-2000:], out.stderr[-2000:])
+        assert "executor: slurm" in out.stdout or code == 2
+        _nothing_left(tmp_path / "sw")
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_env, capture_output=True, text=True, timeout=30)
+    assert after.stdout == before.stdout
