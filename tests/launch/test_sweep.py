@@ -284,7 +284,8 @@ def _task_states(array_id: str, env: dict[str, str]) -> dict[str, str]:
     """Array task id -> state, from sacct (squeue forgets tasks that ended)."""
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", array_id], env=env,
                          capture_output=True, text=True, timeout=30).stdout  # fmt: skip
-    return {jid: state.split()[0] for jid, _, state in (line.partition("|") for line in out.split()) if "_" in jid}
+    rows = (line.partition("|") for line in out.splitlines())
+    return {jid: state.split()[0] for jid, _, state in rows if "_" in jid and "[" not in jid}  # not the pending rest
 
 
 def _running(array_id: str, env: dict[str, str]) -> int:
