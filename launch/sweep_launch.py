@@ -131,7 +131,7 @@ def launch_sweep(base: Config, args: argparse.Namespace, argv: list[str]) -> int
         return 1
     try:
         _check_members(members, choice.kind)
-        parent = _parent_run(record, members, args)
+        parent = _parent_run(record, members)
     except BaseException as e:
         _release(members, holders)
         if not isinstance(e, (checks.Refused, TrackingUnavailable)):
@@ -161,7 +161,7 @@ def _record(sweep_dir: Path, args: argparse.Namespace, members: list[Member]) ->
     return sweep.new_record(f"{name}-{uuid.uuid4().hex[:8]}", definition, members)
 
 
-def _parent_run(record: dict, members: list[Member], args: argparse.Namespace) -> ParentRun | None:
+def _parent_run(record: dict, members: list[Member]) -> ParentRun | None:
     """The MLflow run the members nest under; reused when the sweep is resubmitted."""
     cfg = members[0].cfg
     if record.get("parent_run_id") or not cfg.tracking.enabled:
