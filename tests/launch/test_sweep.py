@@ -316,16 +316,23 @@ def sweep_on_slurm(slurm_env, synthetic_shards: Path, tmp_path_factory: pytest.T
     match = re.search(r"^submitted slurm job array (\d+): 4 members, at most 2 at once", out.stdout, re.MULTILINE)
     assert match, out.stdout
     array_id, most = match.group(1), 0
-    first = f"{array_id}_0"
+    first, signal = f"{array_id}_0", None
     try:
         _wait_for(lambda: "step 10/20" in _member_log(sweep_dir, first), 240, "member 0's step 10")
-        subprocess.run(["scancel", "--signal=USR2", first], env=slurm_env, check=True, timeout=30)
+        # scancel keeps retrying while the task is "in transition" (this one saves and requeues itself within
+        # seconds) and would signal the requeued attempt too: stopped once the requeue is logged.
+        signal = subprocess.Popen(["scancel", "--signal=USR2", first], env=slurm_env)
+        _wait_for(lambda: f"Requeued job {first}" in _member_log(sweep_dir, first), 120, "member 0's requeue")
+        signal.kill()
         deadline = time.monotonic() + 420
         while len([s for s in _task_states(array_id, slurm_env).values() if s in FINAL_STATES]) < 4:
             assert time.monotonic() < deadline, f"sweep not done: {_task_states(array_id, slurm_env)}"
             most = max(most, _running(array_id, slurm_env))
             time.sleep(1)
     finally:
+        if signal is not None and signal.poll() is None:
+            signal.kill()
+            signal.wait()
         subprocess.run(["scancel", array_id], env=slurm_env, capture_output=True, timeout=30)
     attempts = json.loads((sweep_dir / LABELS[0] / "job.json").read_text())["attempts"]
     return SweepRun(sweep_dir, array_id, out.stdout, most, attempts[0].get("step", -1))
@@ -342,7 +349,7 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:  # noqa: ANN001
 @pytest.mark.timeout(600)
 def test_sweep_array_members_requeue_fail_alone_and_group_in_mlflow(sweep_on_slurm: SweepRun, slurm_env) -> None:
     sweep_dir, array_id = sweep_on_slurm.sweep_dir, sweep_on_slurm.array_id
-    script = next((sweep_dir / "submitit").glob("*_submission.sh")).read_text()
+    script = (sweep_dir / "submitit" / array_id / f"{array_id}_submission.sh").read_text()
     assert "#SBATCH --array=0-3%2" in script and "#SBATCH --nodes=1" in script
     assert sweep_on_slurm.most_running <= 2
     tasks = [f"{array_id}_{i}" for i in range(4)]
