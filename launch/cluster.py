@@ -120,3 +120,10 @@ def parse_time_min(text: str) -> int:
     if minutes < 1:
         raise ValueError(f"--time {text!r} is under one minute; SLURM needs at least 1")
     return minutes
+
+
+def max_array_size() -> int | None:
+    """SLURM's MaxArraySize: a job array's indices must stay below it; None if unknown."""
+    out = _run(["scontrol", "show", "config"])
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out or "", re.MULTILINE)
+    return int(m.group(1)) if m else None

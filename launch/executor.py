@@ -215,6 +215,22 @@ def submit(plan: LaunchPlan, rank_job: RankJob) -> SubmittedJob:
     return SubmittedJob(plan.kind, job)
 
 
+def submit_array(plan: LaunchPlan, rank_jobs: list[RankJob], max_parallel: int) -> list[SubmittedJob]:
+    """Queue one SLURM job array (a sweep): task i runs ``rank_jobs[i]`` on ``plan``'s allocation, at
+    most ``max_parallel`` tasks at once (sbatch's ``--array=0-N%max_parallel``). Each task is a job
+    of its own for SLURM (id ``<array>_<i>``): its own requeue, its own submitit folder."""
+    assert plan.kind == "slurm", "job arrays are SLURM's; the local executor runs a sweep's members itself"
+    executor = _make_executor(plan)
+    executor.update_parameters(array_parallelism=max_parallel)
+    captured = io.StringIO()
+    try:
+        with _outside_job_env(), contextlib.redirect_stderr(captured), executor.batch():
+            jobs = [executor.submit(rank_job) for rank_job in rank_jobs]
+    except FailedJobError as e:
+        raise SubmissionError(str(e).strip() or captured.getvalue().strip()) from None
+    return [SubmittedJob(plan.kind, job) for job in jobs]
+
+
 def _rendezvous(env: Any, fixed_port: int) -> dict[str, str]:
     """torchrun-style variables for this rank, from submitit's JobEnvironment (the engine's seam
     ``pipeline.train.dist_env.detect()`` reads these first, so SLURM and local runs are the same)."""

@@ -4,6 +4,7 @@
     python launch/submit.py --config configs/smoke.yaml --local --follow
     python launch/submit.py --config configs/pretrain/vit_b16.yaml --nodes 8 --gpus-per-node 8 --dry-run
     python launch/submit.py --status runs/vit_b16
+    python launch/submit.py --config configs/smoke.yaml --sweep optim.lr=1e-3,2e-3 --sweep train.seed=1,2
 
 Before anything is queued the config is loaded and validated, the data preflight runs for the
 requested ranks and workers, and the run dir is checked (writable, resumable, not in use by another
@@ -30,7 +31,7 @@ from typing import Literal
 if __package__ in (None, ""):  # run as a script: make `launch` and `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch import checks, cluster, container, jobfile, status  # noqa: E402
+from launch import checks, cluster, container, jobfile, status, sweep, sweep_table  # noqa: E402
 from launch.data_budget import decode_budget  # noqa: E402
 from launch.executor import (  # noqa: E402
     SOURCE_ROOT,
@@ -56,6 +57,7 @@ examples:
   python launch/submit.py --config configs/smoke.yaml --local --follow     # no cluster: local processes
   python launch/submit.py --config configs/smoke.yaml --dry-run optim.lr=1e-3
   python launch/submit.py --status runs/smoke
+  python launch/submit.py --config configs/smoke.yaml --sweep optim.lr=1e-3,2e-3 --max-parallel 2   # runs/smoke-sweep
 
 Flags override the config's launch.* keys (and --run-dir train.run_dir); dotted overrides
 (section.key=value) override any key. Exit status: 0 submitted (with --follow: COMPLETED),
@@ -111,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "config changes its recipe (optim.lr, the model, the data; refused otherwise)")  # fmt: skip
     run.add_argument("--force-unlock", action="store_true", help="take the run dir's lease even if another job "
                      "seems to hold it (only when you know that job is gone)")  # fmt: skip
+    sw = p.add_argument_group("sweep: one run per value, each in RUN_DIR/<name>-<its overrides> (SLURM: a job array)")
+    sw.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                    help="one run per value; repeated: their product (e.g. --sweep optim.lr=1e-3,3e-3)")  # fmt: skip
+    sw.add_argument("--sweep-file", metavar="YAML", help="a YAML list of override sets, one run each "
+                    "(- {optim.lr: 1e-3, model.depth: 2}); crossed with any --sweep")  # fmt: skip
+    sw.add_argument("--max-parallel", type=int, metavar="N", help="at most N members at once (SLURM: the array's "
+                    "%%N, default all; locally default 1: one after another)")  # fmt: skip
     return p
 
 
@@ -392,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     if args.status:
         try:
-            print(status.summarise(args.status))
+            print((sweep_table if sweep.is_sweep_dir(args.status) else status).summarise(args.status))
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -403,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with _job_env(SOURCE_ENV, source_name("launch/submit.py", args.config)):  # the job inherits it: MLflow's Source
+        if args.sweep or args.sweep_file:
+            from launch import sweep_launch  # builds on this module's checks (it imports it)
+
+            return sweep_launch.launch_sweep(cfg, args, argv)
         return _launch(cfg, args, argv)
 
 

@@ -15,6 +15,7 @@ import mlflow; the writer and the readers do when first used.
 """
 
 from pipeline.metric_names import HEADLINE_METRICS
+from pipeline.tracking.groups import ParentRun, end_parent_run, open_parent_run
 from pipeline.tracking.read import (
     RunSummary,
     compare_rows,
@@ -43,11 +44,13 @@ from pipeline.tracking.uris import default_tracking_uri, ui_compare_url, ui_run_
 __all__ = [
     "HEADLINE_METRICS",
     "SERVER_URL_FILE",
+    "ParentRun",
     "RunSummary",
     "Tracker",
     "TrackingUnavailable",
     "check_tracking",
     "end_orphaned_run",
+    "end_parent_run",
     "compare_rows",
     "counted_history",
     "default_tracking_uri",
@@ -57,6 +60,7 @@ __all__ = [
     "format_table",
     "list_artifacts",
     "metric_history",
+    "open_parent_run",
     "open_tracker",
     "pretrain_tags",
     "read_server_url",

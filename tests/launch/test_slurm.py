@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,37 +21,9 @@ from launch.cluster import FINAL_STATES, job_state
 from pipeline.artifacts.checkpoints import inspect_run_dir
 from pipeline.tracking import find_run, metric_history
 from pipeline.train.saving import SAVE_PAUSE_ENV
-from tests.launch.conftest import REPO, rank_results, run_launcher, smoke_args, submitted_job_id
+from tests.launch.conftest import rank_results, run_launcher, smoke_args, submitted_job_id
 
 pytestmark = pytest.mark.slurm
-SCRIPTS = REPO / "tests" / "slurm"
-
-
-def _answers(env: dict[str, str]) -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=5).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.fixture(scope="module")
-def slurm_env() -> Iterator[dict[str, str]]:
-    """The environment of a client of the local cluster (SLURM_CONF set); started here if needed."""
-    state = os.environ.get("PIPELINE_SLURM_DIR", "/tmp/pipeline-slurm")
-    env = {**os.environ, "SLURM_CONF": f"{state}/etc/slurm.conf"}
-    was_up = _answers(env)
-    start = subprocess.run(
-        ["bash", str(SCRIPTS / "start_local_slurm.sh")], env=env, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if start.returncode != 0:
-        reason = start.stderr.strip().splitlines()[-1] if start.stderr.strip() else "no output"
-        if "could not install" in reason or "run as root" in reason:
-            pytest.skip(f"no local SLURM: {reason}")
-        pytest.fail(f"tests/slurm/start_local_slurm.sh failed: {start.stdout[-2000:]}\n{start.stderr[-2000:]}")
-    yield env
-    if not was_up:
-        subprocess.run(["bash", str(SCRIPTS / "stop_local_slurm.sh")], env=env, capture_output=True, timeout=120)
 
 
 def _log(run_dir: Path, job_id: str, rank: int) -> str:
