@@ -301,6 +301,11 @@ class RankJob:
                 on_terminated=(lambda res: record_end(res, "cancelled")) if rank0 else None,
             )  # fmt: skip
         except BaseException as e:
+            if rank0 and isinstance(e, SystemExit) and _REQUEUED_BY_SUBMITIT:
+                # USR2 before the engine's own handler was in place (start-up): submitit's handler called
+                # checkpoint(), requeued the job and exited. A preemption, not a failure.
+                jobfile.record_attempt_end(run_dir, job_id=env.job_id, result="preempted", error=EARLY_USR2)
+                raise
             # Every rank says what stopped it: rank 0 often only sees "Connection closed by peer".
             host = env.hostnames[env.node] if env.node < len(env.hostnames) else env.hostname
             error = f"{type(e).__name__}: {e}"
@@ -337,10 +342,14 @@ class RankJob:
     def checkpoint(self) -> DelayedSubmission:
         """Called by submitit on rank 0 after the save: the same config and run dir, so the engine
         resumes from the newest complete checkpoint and reopens the same MLflow run."""
+        global _REQUEUED_BY_SUBMITIT
+        _REQUEUED_BY_SUBMITIT = True  # submitit requeues and exits next (see __call__)
         return DelayedSubmission(replace(self, requeues=self.requeues + 1))
 
 
 LINGER_MAX_S = 5.0
+_REQUEUED_BY_SUBMITIT = False  # set when submitit's USR2 handler asked this rank for its resubmission
+EARLY_USR2 = "USR2 during start-up: requeued without a save; the next attempt resumes from the newest checkpoint"
 
 
 def _usr2_within(seconds: float) -> bool:

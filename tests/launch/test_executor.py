@@ -52,3 +52,48 @@ def test_a_signal_to_the_batch_shell_reaches_the_step_and_its_exit_code_comes_ba
     out, _ = batch.communicate(timeout=10)
     assert (tmp_path / "got").read_text().split() == ["USR2", "TERM"]
     assert out.strip() == "after=7" and batch.returncode == 0
+
+
+def test_usr2_during_start_up_is_recorded_as_a_preemption_not_a_failure(tmp_path: Path, monkeypatch) -> None:
+    # Before the engine installs its own USR2 handler, submitit's runs: on rank 0 it calls checkpoint(),
+    # requeues the job and raises SystemExit(-1) out of wherever the rank was (here: inside run()).
+    import types
+
+    import pipeline.train
+    from launch import executor, jobfile
+    from pipeline.config import load_config
+
+    cfg = load_config(None, [f"train.run_dir={tmp_path}"])
+    job = executor.RankJob(cfg)
+    env = types.SimpleNamespace(global_rank=0, num_tasks=1, local_rank=0, num_nodes=1, node=0, cluster="local",
+                                job_id="42", hostnames=["h"], hostname="h")  # fmt: skip
+    monkeypatch.setattr(executor.submitit, "JobEnvironment", lambda: env)
+    monkeypatch.setattr(executor, "_REQUEUED_BY_SUBMITIT", False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "PIPELINE_REQUEUE_COUNT", "PIPELINE_LEASE_TOKEN", "PIPELINE_JOB_ID", "PIPELINE_EXECUTOR"):  # fmt: skip
+        monkeypatch.setenv(name, "")  # recorded, so the job's own settings are undone after the test
+        monkeypatch.delenv(name)
+
+    def usr2_at_start_up(*args, **kwargs):
+        job.checkpoint()
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(pipeline.train, "run", usr2_at_start_up)
+    try:
+        job()
+    except SystemExit as e:
+        assert e.code == -1
+    else:
+        raise AssertionError("the SystemExit of submitit's requeue must propagate")
+    data = jobfile.read_job_file(tmp_path)
+    assert [(a["result"], a["error"]) for a in data["attempts"]] == [("preempted", executor.EARLY_USR2)]
+    assert not data.get("failures")  # not reported as a rank's failure
+
+    monkeypatch.setattr(executor, "_REQUEUED_BY_SUBMITIT", False)  # a SystemExit without a requeue is a failure
+    monkeypatch.setattr(pipeline.train, "run", lambda *a, **k: sys.exit(3))
+    try:
+        job()
+    except SystemExit:
+        pass
+    data = jobfile.read_job_file(tmp_path)
+    assert [a["result"] for a in data["attempts"]] == ["preempted", "failed"] and len(data["failures"]) == 1
