@@ -7,12 +7,14 @@ import pickle
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = REPO / "launch" / "submit.py"
+SLURM_SCRIPTS = REPO / "tests" / "slurm"
 
 
 def run_launcher(
@@ -79,3 +81,31 @@ def submitted_job_id(stdout: str) -> str:
     match = re.search(r"^submitted (?:slurm|local) job (\S+):", stdout, re.MULTILINE)
     assert match, stdout
     return match.group(1)
+
+
+def _answers(env: dict[str, str]) -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """The environment of a client of the local cluster (SLURM_CONF set); started here if needed, and
+    stopped after the session (one start for every test module that uses the cluster)."""
+    state = os.environ.get("PIPELINE_SLURM_DIR", "/tmp/pipeline-slurm")
+    env = {**os.environ, "SLURM_CONF": f"{state}/etc/slurm.conf"}
+    was_up = _answers(env)
+    start = subprocess.run(
+        ["bash", str(SLURM_SCRIPTS / "start_local_slurm.sh")], env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if start.returncode != 0:
+        reason = start.stderr.strip().splitlines()[-1] if start.stderr.strip() else "no output"
+        if "could not install" in reason or "run as root" in reason:
+            pytest.skip(f"no local SLURM: {reason}")
+        pytest.fail(f"tests/slurm/start_local_slurm.sh failed: {start.stdout[-2000:]}\n{start.stderr[-2000:]}")
+    yield env
+    if not was_up:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop_local_slurm.sh")], env=env, capture_output=True, timeout=120)
