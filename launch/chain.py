@@ -91,12 +91,17 @@ def _from_run_dir(run_dir: Path) -> Predecessor:
             f"--after {run_dir}: no {JOB_FILE} with a job in it, so it is not a run dir launched by "
             f"launch/submit.py; pass the run dir of a submitted job, or its SLURM job id"
         )
+    newest = data["jobs"][-1]  # requeues keep the SLURM job id: the newest job is the one to wait for
+    return _job_of(run_dir, data, str(newest["job_id"]))
+
+
+def _job_of(run_dir: Path, data: dict[str, Any], job_id: str) -> Predecessor:
+    """Job ``job_id`` of ``run_dir`` (its job.json ``data``) with its state now."""
     from launch import status  # reads SLURM's or the local controller's view of every job
 
-    newest = data["jobs"][-1]  # requeues keep the SLURM job id: the newest job is the one to wait for
-    jid = str(newest["job_id"])
-    state = status.job_states({"jobs": [newest], "attempts": data.get("attempts", [])})[jid]
-    return Predecessor(jid, str(newest.get("executor", "slurm")), run_dir, state)
+    job = next(j for j in data["jobs"] if str(j["job_id"]) == job_id)
+    state = status.job_states({"jobs": [job], "attempts": data.get("attempts", [])})[job_id]
+    return Predecessor(job_id, str(job.get("executor", "slurm")), run_dir, state)
 
 
 def _final(state: str) -> bool:
@@ -106,7 +111,7 @@ def _final(state: str) -> bool:
 
 
 def _why(pred: Predecessor) -> str:
-    """``: rank 0 on node1 at ...: DataError: ...`` from the predecessor's job.json, when it says."""
+    """`` (rank 1 on node2 at ...: DataError: ...)`` from the predecessor's job.json, when it says."""
     if pred.run_dir is None:
         return ""
     data = read_job_file(pred.run_dir)
@@ -118,10 +123,11 @@ def _why(pred: Predecessor) -> str:
 
 
 def refresh(pred: Predecessor) -> Predecessor:
-    """The same predecessor with its state now."""
-    if pred.run_dir is not None:
-        return _from_run_dir(pred.run_dir)
-    return Predecessor(pred.job_id, pred.executor, None, cluster.job_state(pred.job_id))
+    """The same job with its state now (the run dir may hold newer jobs since: not this one's concern)."""
+    data = read_job_file(pred.run_dir) if pred.run_dir is not None else {}
+    if any(str(j["job_id"]) == pred.job_id for j in data.get("jobs", [])):
+        return _job_of(pred.run_dir, data, pred.job_id)
+    return Predecessor(pred.job_id, pred.executor, pred.run_dir, cluster.job_state(pred.job_id))
 
 
 def sbatch_dependency(pred: Predecessor | None) -> str:
@@ -261,11 +267,7 @@ def _saved_model(run_dir: Path) -> dict[str, Any] | None:
 def _recorded(after: dict[str, Any]) -> Predecessor:
     """A predecessor as job.json recorded it, with its state now."""
     run_dir = Path(after["run_dir"]) if after.get("run_dir") else None
-    pred = Predecessor(str(after["job_id"]), after.get("executor", "slurm"), run_dir, "")
-    try:
-        return refresh(pred)
-    except checks.Refused:  # the predecessor's job.json is gone: SLURM's view only
-        return Predecessor(pred.job_id, pred.executor, None, cluster.job_state(pred.job_id))
+    return refresh(Predecessor(str(after["job_id"]), after.get("executor", "slurm"), run_dir, ""))
 
 
 def status_lines(job: dict[str, Any], state: str, attempts: int) -> list[str]:
