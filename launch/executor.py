@@ -65,6 +65,7 @@ class LaunchPlan:
     run_dir: Path
     job_name: str
     python: str  # the interpreter command submitit runs (wrapped by Apptainer with --container)
+    after: str = ""  # sbatch --dependency, e.g. "afterok:42" (launch/chain.py); the local executor waits instead
 
     @property
     def folder(self) -> Path:
@@ -123,6 +124,9 @@ def sbatch_parameters(plan: LaunchPlan) -> dict[str, Any]:
         "exclude": la.exclude,
     }
     params.update({k: v for k, v in optional.items() if v})
+    if plan.after:  # a predecessor that does not complete cancels this job rather than leave it pending
+        params["dependency"] = plan.after
+        params["additional_parameters"]["kill_on_invalid_dep"] = "yes"
     return params
 
 

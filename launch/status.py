@@ -143,6 +143,10 @@ def summarise(run_dir: str | Path) -> str:
         raise FileNotFoundError(
             f"{run_dir / JOB_FILE} does not exist: {run_dir} is not a run directory launched by launch/submit.py"
         )
+    if not data.get("jobs"):
+        from launch import chain
+
+        return chain.unsubmitted_summary(run_dir, data)  # its launcher waits (or waited) for a predecessor
     states = job_states(data)
     notes = reconcile(run_dir, data, states)
     if notes:
@@ -161,6 +165,7 @@ def summarise(run_dir: str | Path) -> str:
             f"{states[jid]}; submitted {job.get('submitted', '?')}; attempts {len(attempts)}"
             + (f"; nodes {','.join(hosts)}" if hosts else "")
         )
+        lines += [f"    {line}" for line in _after_lines(job, states[jid], len(attempts))]
         for a in attempts:
             result = a.get("result", "running")
             step = f" at step {a['step']}" if "step" in a else ""
@@ -177,6 +182,12 @@ def summarise(run_dir: str | Path) -> str:
     lines.append(f"  rank 0 log: {rank0_log(newest)}")
     lines.append(f"  logs: {run_dir / 'submitit'}")
     return "\n".join(lines)
+
+
+def _after_lines(job: dict[str, Any], state: str, attempts: int) -> list[str]:
+    from launch import chain  # it reads job states through this module
+
+    return chain.status_lines(job, state, attempts)
 
 
 def rank0_log(job: dict[str, Any]) -> Path:

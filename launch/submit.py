@@ -31,7 +31,7 @@ from typing import Literal
 if __package__ in (None, ""):  # run as a script: make `launch` and `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch import checks, cluster, container, jobfile, status, sweep, sweep_table  # noqa: E402
+from launch import chain, checks, cluster, container, jobfile, status, sweep, sweep_table  # noqa: E402
 from launch.data_budget import decode_budget  # noqa: E402
 from launch.executor import (  # noqa: E402
     SOURCE_ROOT,
@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", "--follow", dest="follow", action="store_true",
                      help="stream rank 0's log until the job ends; exit status reflects its final state")  # fmt: skip
     run.add_argument("--status", metavar="RUN_DIR", help="summarise the jobs of RUN_DIR and exit")
+    run.add_argument("--after", metavar="RUN_DIR|JOB_ID", help="start only once that job has completed, e.g. a "
+                     "fine-tune after its pretrain (SLURM: afterok dependency; locally: waits here)")  # fmt: skip
     run.add_argument("--allow-recipe-change", action="store_true", help="resume the run dir even though this "
                      "config changes its recipe (optim.lr, the model, the data; refused otherwise)")  # fmt: skip
     run.add_argument("--force-unlock", action="store_true", help="take the run dir's lease even if another job "
@@ -203,7 +205,7 @@ def _local_gpus() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
-def run_checks(cfg: Config, kind: str) -> list[str]:
+def run_checks(cfg: Config, kind: str, after: chain.Predecessor | None = None) -> list[str]:
     """All pre-submission checks, in order; the first failure raises checks.Refused."""
     run_dir = Path(cfg.train.run_dir)
     done = [checks.check_run_dir(run_dir), checks.check_no_active_job(run_dir), checks.check_resume(cfg, run_dir)]
@@ -218,7 +220,7 @@ def run_checks(cfg: Config, kind: str) -> list[str]:
                 f"the local executor needs {need} GPUs ({cfg.launch.nodes} node(s) x {cfg.launch.gpus_per_node}) "
                 f"but this machine has {have}; lower --nodes/--gpus-per-node, or submit where SLURM is available"
             )
-    done.append(checks.check_finetune(cfg))
+    done.append(chain.check_finetune(cfg, after))
     done.append(checks.check_tracking(cfg, run_dir))
     done.append(checks.check_data(cfg))
     done.append(checks.check_classes(cfg))
@@ -275,7 +277,9 @@ def run_dir_origin(cfg: Config, overrides: list[str]) -> str:
     return "set by --run-dir or train.run_dir"
 
 
-def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice, overrides: list[str]) -> int:
+def dry_run(
+    cfg: Config, plan: LaunchPlan, choice: Choice, overrides: list[str], after: chain.Predecessor | None = None
+) -> int:
     """Print everything a submission would do; run the checks; submit nothing."""
     la = cfg.launch
     print("== resolved config ==")
@@ -293,7 +297,7 @@ def dry_run(cfg: Config, plan: LaunchPlan, choice: Choice, overrides: list[str])
     print("\n== pre-submission checks ==")
     try:
         print(f"ok: {lease_state(cfg)}")
-        for line in run_checks(cfg, choice.kind):
+        for line in run_checks(cfg, choice.kind, after):
             print(f"ok: {line}")
     except checks.Refused as e:
         print(f"REFUSED: {e}")
@@ -333,7 +337,14 @@ def lease_state(cfg: Config) -> str:
     return f"run dir: a launch would take over the stale lease of {current.describe()} ({why})"
 
 
-def _submit(cfg: Config, plan: LaunchPlan, args: argparse.Namespace, argv: list[str], holder: lease.Holder) -> int:
+def _submit(
+    cfg: Config,
+    plan: LaunchPlan,
+    args: argparse.Namespace,
+    argv: list[str],
+    holder: lease.Holder,
+    after: chain.Predecessor | None = None,
+) -> int:
     run_dir = Path(cfg.train.run_dir)
     kill_wait = cluster.kill_wait_s() if plan.kind == "slurm" else None
     if plan.kind == "slurm":
@@ -364,6 +375,7 @@ def _submit(cfg: Config, plan: LaunchPlan, args: argparse.Namespace, argv: list[
             "tasks_per_node": cfg.launch.tasks_per_node,
             "folder": str(job.folder),
             "command": shlex.join(["python", "launch/submit.py", *argv]),
+            **({"after": after.record()} if after is not None else {}),
         },
     )
     out, err = job.rank0_logs
@@ -445,23 +457,30 @@ def _launch(cfg: Config, args: argparse.Namespace, argv: list[str]) -> int:
             job_name=cfg.launch.job_name or cfg.name,
             python=_python_command(cfg),
         )
+        after = chain.resolve(args.after, choice.kind) if args.after else None
+        if after is not None:
+            print(chain.describe_plan(after, choice.kind))
+            plan = replace(plan, after=chain.sbatch_dependency(after) if choice.kind == "slurm" else "")
         if args.dry_run:
-            return dry_run(cfg, plan, choice, args.overrides)
+            return dry_run(cfg, plan, choice, args.overrides, after)
         holder = take_lease(cfg, args.force_unlock)
         print(f"ok: run dir: lease taken ({Path(cfg.train.run_dir) / lease.LEASE}); no other launch can use it")
     except (checks.Refused, container.ContainerError) as e:
         print(f"error: {e}\nnothing was submitted", file=sys.stderr)
         return 1
     try:
-        for line in run_checks(cfg, choice.kind):
+        for line in run_checks(cfg, choice.kind, after):
             print(f"ok: {line}")
+        if after is not None and plan.kind == "local" and not after.completed:
+            after = chain.wait_local(after, Path(cfg.train.run_dir))  # the local afterok: nothing queued meanwhile
+            print(f"after: {after.describe()} completed; ok: {checks.check_finetune(cfg)}")
     except BaseException as e:
         lease.release(Path(cfg.train.run_dir), holder.token)
         if not isinstance(e, checks.Refused):
             raise
         print(f"error: {e}\nnothing was submitted", file=sys.stderr)
         return 1
-    return _submit(cfg, plan, args, argv, holder)
+    return _submit(cfg, plan, args, argv, holder, after)
 
 
 if __name__ == "__main__":

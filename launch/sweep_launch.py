@@ -19,7 +19,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from launch import checks, cluster, container, jobfile, submit, sweep, sweep_table
+from launch import chain, checks, cluster, container, jobfile, submit, sweep, sweep_table
 from launch.executor import LaunchPlan, RankJob, SubmissionError, SubmittedJob, submit_array
 from launch.executor import submit as submit_job
 from launch.sweep import Member
@@ -75,21 +75,21 @@ def check_one_allocation(members: list[Member]) -> None:
             )
 
 
-def _check_members(members: list[Member], kind: str) -> None:
+def _check_members(members: list[Member], kind: str, after: chain.Predecessor | None = None) -> None:
     for m in members:
         try:
-            done = submit.run_checks(m.cfg, kind)
+            done = submit.run_checks(m.cfg, kind, after)
         except checks.Refused as e:
             raise checks.Refused(f"sweep {m.describe()}: {e}") from None
         print(f"ok: {m.describe()}: {len(done)} checks passed ({m.run_dir})")
 
 
-def _dry_run(members: list[Member], kind: str) -> int:
+def _dry_run(members: list[Member], kind: str, after: chain.Predecessor | None) -> int:
     print("\n== pre-submission checks, every member ==")
     try:
         for m in members:
             print(f"ok: {m.describe()}: {submit.lease_state(m.cfg)}")
-        _check_members(members, kind)
+        _check_members(members, kind, after)
     except checks.Refused as e:
         print(f"REFUSED: {e}")
         print("dry run: nothing submitted (a real submission would be refused)")
@@ -120,8 +120,12 @@ def launch_sweep(base: Config, args: argparse.Namespace, argv: list[str]) -> int
         choice, sweep_dir, members, record = _prepare(base, args)
         print(f"sweep {record['sweep_id']}: {len(members)} members in {sweep_dir}")
         print(sweep_table.expansion(record))
+        # A sweep of fine-tunes over one pretrain: every member waits for it (one afterok for the array).
+        after = chain.resolve(args.after, choice.kind) if args.after else None
+        if after is not None:
+            print(chain.describe_plan(after, choice.kind))
         if args.dry_run:
-            return _dry_run(members, choice.kind)
+            return _dry_run(members, choice.kind, after)
         holders = _take_leases(members, args.force_unlock)
     except ConfigError as e:
         print(f"error: {e}\nnothing was submitted", file=sys.stderr)
@@ -130,7 +134,9 @@ def launch_sweep(base: Config, args: argparse.Namespace, argv: list[str]) -> int
         print(f"error: {e}\nnothing was submitted", file=sys.stderr)
         return 1
     try:
-        _check_members(members, choice.kind)
+        _check_members(members, choice.kind, after)
+        if after is not None and choice.kind == "local" and not after.completed:
+            after = chain.wait_local(after, members[0].run_dir)  # the local afterok: nothing started meanwhile
         parent = _parent_run(record, members)
     except BaseException as e:
         _release(members, holders)
@@ -143,8 +149,9 @@ def launch_sweep(base: Config, args: argparse.Namespace, argv: list[str]) -> int
     jobs = [RankJob(m.cfg, (*args.overrides, *m.overrides), lease_token=h.token) for m, h in pairs]
     command = shlex.join(["python", "launch/submit.py", *argv])
     if choice.kind == "slurm":
-        return _submit_array(sweep_dir, record, members, jobs, holders, args, command, parent)
-    return _run_here(sweep_dir, record, list(zip(members, jobs, holders, strict=True)), args.max_parallel or 1, command)
+        return _submit_array(sweep_dir, record, members, jobs, holders, args, command, parent, after)
+    todo = list(zip(members, jobs, holders, strict=True))
+    return _run_here(sweep_dir, record, todo, args.max_parallel or 1, command, after)
 
 
 def _record(sweep_dir: Path, args: argparse.Namespace, members: list[Member]) -> dict:
@@ -191,13 +198,16 @@ def _tagged(m: Member, sweep_id: str, parent: ParentRun | None) -> Member:
     return replace(m, cfg=replace(m.cfg, tracking=replace(m.cfg.tracking, tags=tags)))
 
 
-def _note_job(m: Member, job: SubmittedJob, holder: lease.Holder | None, command: str) -> None:
+def _note_job(
+    m: Member, job: SubmittedJob, holder: lease.Holder | None, command: str, after: chain.Predecessor | None
+) -> None:
     """What a single submit notes after queueing: the lease's job id and job.json's jobs entry."""
     if holder is not None and lease.read(m.run_dir) == holder:
         lease.update(m.run_dir, replace(holder, executor=job.kind, job_id=job.job_id))
     jobfile.record_submission(m.run_dir, name=m.cfg.name, job={
         "job_id": job.job_id, "executor": job.kind, "nodes": m.cfg.launch.nodes,
         "tasks_per_node": m.cfg.launch.tasks_per_node, "folder": str(job.folder), "command": command,
+        **({"after": after.record()} if after is not None else {}),
     })  # fmt: skip
 
 
@@ -213,12 +223,13 @@ def _save(sweep_dir: Path, record: dict, jobs: dict[int, SubmittedJob], kind: st
 
 def _submit_array(sweep_dir: Path, record: dict, members: list[Member], jobs: list[RankJob],
                   holders: list[lease.Holder], args: argparse.Namespace, command: str,
-                  parent: ParentRun | None) -> int:  # fmt: skip
+                  parent: ParentRun | None, after: chain.Predecessor | None) -> int:  # fmt: skip
     cfg = members[0].cfg
     at_once = min(args.max_parallel or len(members), len(members))
     at_sweep_dir = replace(cfg, train=replace(cfg.train, run_dir=str(sweep_dir)))  # container binds: every member
     plan = LaunchPlan(kind="slurm", launch=cfg.launch, run_dir=sweep_dir, job_name=cfg.launch.job_name or
-                      f"{cfg.name}-sweep", python=submit._python_command(at_sweep_dir))  # fmt: skip
+                      f"{cfg.name}-sweep", python=submit._python_command(at_sweep_dir),
+                      after=chain.sbatch_dependency(after))  # fmt: skip
     kill_wait = cluster.kill_wait_s()
     try:
         submitted = submit_array(plan, [replace(j, kill_wait_s=kill_wait) for j in jobs], at_once)
@@ -229,7 +240,7 @@ def _submit_array(sweep_dir: Path, record: dict, members: list[Member], jobs: li
         print(f"error: slurm refused the job array:\n{e}", file=sys.stderr)
         return 1
     for m, job, h in zip(members, submitted, holders, strict=True):
-        _note_job(m, job, h, command)
+        _note_job(m, job, h, command, after)
     _save(sweep_dir, record, {m.index: j for m, j in zip(members, submitted, strict=True)}, "slurm", at_once)
     array_id = submitted[0].job_id.partition("_")[0]
     print(f"submitted slurm job array {array_id}: {len(members)} members, at most {at_once} at once, "
@@ -257,7 +268,7 @@ def _wait_and_report(sweep_dir: Path, running: dict[int, SubmittedJob], poll_s: 
 
 
 def _run_here(sweep_dir: Path, record: dict, todo: list[tuple[Member, RankJob, lease.Holder]], at_once: int,
-              command: str) -> int:  # fmt: skip
+              command: str, after: chain.Predecessor | None) -> int:  # fmt: skip
     """The local executor: members start as others end, ``at_once`` at a time; a failure stops no other."""
     waiting, running, submitted, final = list(todo), {}, {}, {}
     sweep.write_record(sweep_dir, record)
@@ -267,7 +278,7 @@ def _run_here(sweep_dir: Path, record: dict, todo: list[tuple[Member, RankJob, l
             plan = LaunchPlan(kind="local", launch=m.cfg.launch, run_dir=m.run_dir, job_name=m.cfg.name,
                               python=submit._python_command(m.cfg))  # fmt: skip
             job = submit_job(plan, rank_job)
-            _note_job(m, job, holder, command)
+            _note_job(m, job, holder, command, after)
             running[m.index] = submitted[m.index] = job
             print(f"[sweep] {m.describe()}: local job {job.job_id}, run dir {m.run_dir}", flush=True)
         _reap(running, final)

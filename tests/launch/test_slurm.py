@@ -123,7 +123,7 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(1)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_preemption_requeues_without_using_up_timeouts(
     slurm_env, synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,6 +133,7 @@ def test_preemption_requeues_without_using_up_timeouts(
     out = run_launcher([*smoke_args(synthetic_shards, run_dir), *extra], env=slurm_env)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = submitted_job_id(out.stdout)
+    ft_dir, ft_id = _finetune_after(run_dir, job_id, synthetic_shards, tmp_path, slurm_env)
     _wait_for(lambda: "step 10/60" in _log(run_dir, job_id, 0), 180, "the first training steps")
     # A preemption as submitit simulates it (Job._interrupt): SIGTERM to every process of the job,
     # which submitit ignores in the rank and our DataLoader workers survive, then USR2 long before
@@ -151,6 +152,39 @@ def test_preemption_requeues_without_using_up_timeouts(
     # The run dir's lease: the launcher's, adopted by both attempts (kept across the requeue), then released.
     assert log.count("adopted the lease taken by the launcher") == 2
     assert "keeping the lease of" in log and not (run_dir / "lease.json").exists()
+    _finetune_ran_after(ft_dir, ft_id, run_dir, job_id, slurm_env, final_step=60)
+
+
+def _finetune_after(pre: Path, pre_id: str, shards: Path, tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
+    """Queue a fine-tune of ``pre`` right behind it (--after): SLURM holds it (reason Dependency)."""
+    ft_dir = tmp_path / "finetune"
+    extra = [f"finetune.init_from={pre}", "finetune.num_classes=4", "train.steps=5", "--after", str(pre)]
+    out = run_launcher([*smoke_args(shards, ft_dir), *extra], env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"after: job {pre_id} (run dir {pre}) is " in out.stdout
+    assert f"; queued with --dependency=afterok:{pre_id} --kill-on-invalid-dep=yes (starts when it" in out.stdout
+    ft_id = submitted_job_id(out.stdout)
+    reason = subprocess.run(["squeue", "-h", "-j", ft_id, "-o", "%T %r"], env=env, capture_output=True, text=True)
+    assert reason.stdout.split() == ["PENDING", "Dependency"], reason
+    return ft_dir, ft_id
+
+
+def _finetune_ran_after(ft_dir: Path, ft_id: str, pre: Path, pre_id: str, env: dict[str, str], final_step: int) -> None:
+    """The fine-tune started only after the pretrain's end (its requeues included) and loaded its final checkpoint."""
+    _wait_for(lambda: job_state(ft_id) in FINAL_STATES, 240, "the fine-tune to end")
+    assert job_state(ft_id) == "COMPLETED"
+    sacct = ["sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j", f"{pre_id},{ft_id}"]
+    times = {j: (start, end) for j, start, end in (line.split("|") for line in _stdout(sacct, env).splitlines())}
+    assert times[ft_id][0] >= times[pre_id][1], times  # ISO times: the fine-tune started at or after the end
+    step_dir = pre / "checkpoints" / f"step_{final_step:08d}"
+    assert f"fine-tune init from {step_dir} (checkpoint): " in _log(ft_dir, ft_id, 0)
+    status = run_launcher(["--status", str(ft_dir)], env=env)
+    assert f"job {ft_id} (slurm, 2 node(s) x 1 tasks): COMPLETED" in status.stdout
+    assert f"    after job {pre_id} (run dir {pre}): COMPLETED\n" in status.stdout
+
+
+def _stdout(cmd: list[str], env: dict[str, str]) -> str:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 @contextlib.contextmanager
