@@ -77,13 +77,34 @@ def sacct_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
     """The accounting records of ``job_ids`` (the newest attempt of each); {} without sacct."""
     if not job_ids:
         return {}
-    out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed,NodeList", "-j", ",".join(job_ids)])
+    # `sacct -j 42_1` does not list a task that never started; `sacct -j 42` lists its array's record.
+    query = list(dict.fromkeys([*job_ids, *(j.partition("_")[0] for j in job_ids if "_" in j)]))
+    out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed,NodeList", "-j", ",".join(query)])
     infos: dict[str, JobInfo] = {}
     for line in (out or "").splitlines():
         parts = line.split("|")
-        if len(parts) == 5 and parts[0] in job_ids:
-            infos[parts[0]] = JobInfo(parts[0], _short_state(parts[1]), parts[2], parts[3], parts[4])
+        if len(parts) != 5:
+            continue
+        for job_id in _record_covers(parts[0], job_ids):
+            infos.setdefault(job_id, JobInfo(job_id, _short_state(parts[1]), parts[2], parts[3], parts[4]))
     return infos
+
+
+def _record_covers(record_id: str, job_ids: list[str]) -> list[str]:
+    """The ids of ``job_ids`` an accounting record stands for: itself, or, for the one record SLURM keeps
+    of array tasks that never started (``42_[0-3%2]``, ``42_[1,3]``: e.g. cancelled while pending on a
+    dependency), each task ``42_<i>`` in its index list."""
+    if record_id in job_ids:
+        return [record_id]
+    m = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", record_id)
+    if not m:
+        return []
+    indices: set[int] = set()
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        indices.update(range(int(lo), int(hi or lo) + 1))
+    return [j for j in job_ids if j.startswith(f"{m.group(1)}_") and j.partition("_")[2].isdigit()
+            and int(j.partition("_")[2]) in indices]  # fmt: skip
 
 
 def job_state(job_id: str) -> str:

@@ -264,6 +264,7 @@ def test_a_finetune_after_a_pretrain_that_fails_never_runs_and_status_says_why(
         assert entry["after"] == {"job_id": pre_id, "executor": "slurm", "type": "afterok", "run_dir": str(pre)}
         assert _wait_until_final(entry["job_id"], 60) == "CANCELLED"
         assert jobfile.read_job_file(member)["attempts"] == []  # never ran
+    assert ", 2 members (2 CANCELLED)" in run_launcher(["--status", str(grid)], env=slurm_env).stdout
     assert cluster.job_state(pre_id) == "FAILED"
     assert f"    waiting for job {pre_id} (run dir {pre}) to complete (afterok); it is " in waiting, waiting
 

@@ -262,3 +262,25 @@ def test_two_submits_of_another_recipe_get_two_run_dirs_and_a_changed_recipe_is_
     assert submit.main([*changed, "--allow-recipe-change"]) == 0
     out = capsys.readouterr().out
     assert "recipe: optim.lr: 0.001 -> 0.0003 (recipe changed on purpose (checkpoint.allow_recipe_change)" in out
+
+
+def test_sacct_records_of_array_tasks_that_never_started_stand_for_each_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SLURM keeps one accounting record for the pending tasks of an array (e.g. cancelled on a failed
+    # dependency before any started): "82_[0-3%2]". Each task's state is that record's.
+    from launch import cluster
+
+    fake = tmp_path / "bin" / "sacct"
+    fake.parent.mkdir()
+    records = ["82_[1-3%%2]|CANCELLED by 0|0:0|00:00:00|None assigned", "82_0|COMPLETED|0:0|00:00:09|node1",
+               "90_[0,2]|PENDING|0:0|00:00:00|None assigned"]  # fmt: skip
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\nprintf \'' + "\\n".join(records) + "\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    got = cluster.sacct_jobs(["82_0", "82_1", "82_3", "82_4", "90_2", "90_1"])
+    assert {k: v.state for k, v in got.items()} == {
+        "82_0": "COMPLETED", "82_1": "CANCELLED", "82_3": "CANCELLED", "90_2": "PENDING"
+    }  # fmt: skip
+    # `sacct -j 82_1` leaves out a task that never started: the array ids are asked for too.
+    assert (tmp_path / "args").read_text().split()[-1] == "82_0,82_1,82_3,82_4,90_2,90_1,82,90"
