@@ -9,18 +9,21 @@ faster per image; its decoder (every position, narrower) takes part of that back
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from bench.model import cpu_name, interleaved
-from pipeline.config import load_config
-from pipeline.model import ViT, forward_macs
-from pipeline.model.mae import MaskedAutoencoder
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `python bench/mae.py` from the checkout: bench.model is a sibling
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.model import cpu_name, interleaved  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.model import ViT, forward_macs  # noqa: E402
+from pipeline.model.mae import MaskedAutoencoder  # noqa: E402
+
 CASES = {  # name: (config file, overrides, batch)
     "configs/pretrain/mae_tiny.yaml (demo ViT, decoder 64x2)": (REPO / "configs/pretrain/mae_tiny.yaml", [], 32),
     "ViT-B/16 224, MAE's decoder 512x8 (configs/pretrain/mae_vit_b16.yaml)": (
