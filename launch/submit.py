@@ -22,7 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -295,10 +295,19 @@ def dry_run(
     print(f"\n== {cpu_plan(cfg, choice.kind)}")
     print("\n== " + format_plan(memory_plan(cfg, nodes=la.nodes, gpus_per_node=la.gpus_per_node)))
     print("\n== pre-submission checks ==")
-    try:
+
+    def check() -> None:
         print(f"ok: {lease_state(cfg)}")
         for line in run_checks(cfg, choice.kind, after):
             print(f"ok: {line}")
+
+    return dry_run_verdict(check)
+
+
+def dry_run_verdict(check: Callable[[], None]) -> int:
+    """Run a dry run's checks (they print their own "ok:" lines) and say what a submission would do."""
+    try:
+        check()
     except checks.Refused as e:
         print(f"REFUSED: {e}")
         print("dry run: nothing submitted (a real submission would be refused)")

@@ -86,16 +86,13 @@ def _check_members(members: list[Member], kind: str, after: chain.Predecessor | 
 
 def _dry_run(members: list[Member], kind: str, after: chain.Predecessor | None) -> int:
     print("\n== pre-submission checks, every member ==")
-    try:
+
+    def check() -> None:
         for m in members:
             print(f"ok: {m.describe()}: {submit.lease_state(m.cfg)}")
         _check_members(members, kind, after)
-    except checks.Refused as e:
-        print(f"REFUSED: {e}")
-        print("dry run: nothing submitted (a real submission would be refused)")
-        return 1
-    print("dry run: nothing submitted")
-    return 0
+
+    return submit.dry_run_verdict(check)
 
 
 def _take_leases(members: list[Member], force: bool) -> list[lease.Holder]:
