@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from launch import checks, cluster
 from launch.jobfile import JOB_FILE, describe_failure, first_failure, read_job_file, update_job_file
-from pipeline.config import Config
+from pipeline.config import Config, read_saved_config
 from pipeline.proc import pid_alive
 
 AFTER = "afterok"
@@ -206,26 +206,22 @@ def check_finetune(cfg: Config, pred: Predecessor | None) -> str:
     training = _training_job(source)
     if training is None:
         return checks.check_finetune(cfg)
-    jid, state = training
     if pred is None or not _is_run_of(source, pred):
         raise checks.Refused(
-            f"finetune.init_from={source} is a run dir still training (job {jid} {state}): its newest checkpoint "
-            f"is not its final one. Add --after {source} to start when it completes, or point "
+            f"finetune.init_from={source} is a run dir still training (job {training.job_id} {training.state}): "
+            f"its newest checkpoint is not its final one. Add --after {source} to start when it completes, or point "
             f"finetune.init_from at one of its checkpoints ({source}/checkpoints/step_*)"
         )
     return f"{_known_architecture(cfg, source)}; its final checkpoint is loaded when {pred.describe()} completes"
 
 
-def _training_job(run_dir: Path) -> tuple[str, str] | None:
-    """(job id, state) of the run dir's newest job while it is queued or running, else None."""
+def _training_job(run_dir: Path) -> Predecessor | None:
+    """The run dir's newest job while it is queued or running, else None."""
     data = read_job_file(run_dir)
     if not data.get("jobs"):
         return None
-    from launch import status
-
-    newest = data["jobs"][-1]
-    state = status.job_states({"jobs": [newest], "attempts": data.get("attempts", [])})[str(newest["job_id"])]
-    return None if status.is_final(state) else (str(newest["job_id"]), state)
+    newest = _job_of(run_dir, data, str(data["jobs"][-1]["job_id"]))
+    return None if _final(newest.state) else newest
 
 
 def _is_run_of(run_dir: Path, pred: Predecessor) -> bool:
@@ -254,13 +250,7 @@ def _known_architecture(cfg: Config, run_dir: Path) -> str:
 
 
 def _saved_model(run_dir: Path) -> dict[str, Any] | None:
-    import yaml
-
-    try:
-        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    model = tree.get("model") if isinstance(tree, dict) else None
+    model = (read_saved_config(run_dir) or {}).get("model")
     return model if isinstance(model, dict) else None
 
 

@@ -93,18 +93,13 @@ def check_resume(cfg: Config, run_dir: Path) -> str:
 
 def _saved_recipe(cfg: Config, run_dir: Path) -> str:
     """A run dir without a checkpoint may still hold a run (its config.yaml): refuse another recipe there."""
-    import yaml
-
-    from pipeline.config import ConfigError
+    from pipeline.config import SAVED_CONFIG, ConfigError, read_saved_config
     from pipeline.train.resume import check_recipe
 
-    saved = run_dir / "config.yaml"
-    try:
-        tree = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError):
+    saved = run_dir / SAVED_CONFIG
+    tree = read_saved_config(run_dir)
+    if tree is None:
         return ""  # nothing (readable) ran here: a fresh run dir
-    if not isinstance(tree, dict):
-        return ""
     try:
         notes = check_recipe(tree, cfg, source=str(saved))
     except ConfigError as e:  # written by another version of the code: say so, refuse nothing on it

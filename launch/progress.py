@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.artifacts.exports import run_export
+from pipeline.config import read_saved_config
 from pipeline.metric_names import EVAL_TOP1, TRAIN_IMG_PER_S, TRAIN_LOSS
 from pipeline.tracking import read_tracking_state, ui_run_url
+from pipeline.tracking.uris import is_remote
 from pipeline.train.metrics_log import read_metrics_log
 
 # Seconds-per-step is measured over the newest log records only: the first steps of an attempt
@@ -38,9 +38,8 @@ class Progress:
 def _total_steps(run_dir: Path) -> int | None:
     """``train.steps`` of the config the ranks saved (the validated one, overrides applied)."""
     try:
-        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
-        return int(tree["train"]["steps"])
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return int(read_saved_config(run_dir)["train"]["steps"])  # type: ignore[index]
+    except (ValueError, TypeError, KeyError):
         return None
 
 
@@ -99,14 +98,25 @@ def progress_line(p: Progress) -> str:
     return ", ".join(parts)
 
 
-def run_link(run_dir: str | Path) -> str:
-    """The MLflow run's page when the run logs to a server; else its id and where its store is."""
+def run_ref(run_dir: str | Path) -> tuple[str, str, str | None] | None:
+    """(run id, store URI, the run's UI page when the store is a server) from the run dir's tracking.json;
+    None before the run's tracker started (or with tracking off)."""
     state = read_tracking_state(run_dir)
     run_id, uri = state.get("run_id"), str(state.get("tracking_uri", ""))
     if not run_id:
+        return None
+    page = ui_run_url(uri, str(state.get("experiment_id", "0")), str(run_id)) if is_remote(uri) else None
+    return str(run_id), uri, page
+
+
+def run_link(run_dir: str | Path) -> str:
+    """The MLflow run's page when the run logs to a server; else its id and where its store is."""
+    ref = run_ref(run_dir)
+    if ref is None:
         return "none yet (no tracking.json: tracking is off, or the run has not started its tracker)"
-    if uri.startswith(("http://", "https://")):
-        return ui_run_url(uri, str(state.get("experiment_id", "0")), str(run_id))
+    run_id, uri, page = ref
+    if page:
+        return page
     return f"run {run_id} in {uri} (browse it with launch/mlflow_server.py, or `mlflow ui --backend-store-uri {uri}`)"
 
 

@@ -252,14 +252,7 @@ def _wait_and_report(sweep_dir: Path, running: dict[int, SubmittedJob], poll_s: 
     """--follow: wait for every member to end, then print the sweep's table; 0 when all COMPLETED."""
     final: dict[int, str] = {}
     while running:
-        for i, job in list(running.items()):
-            state = job.state()
-            if state in cluster.FINAL_STATES:
-                final[i] = state
-                del running[i]
-                print(f"[sweep] member {i} (job {job.job_id}) ended: {state}", flush=True)
-        if running:
-            time.sleep(poll_s)
+        _reap(running, final, poll_s)
     print(sweep_table.summarise(sweep_dir))
     return 0 if all(s == "COMPLETED" for s in final.values()) else 1
 
@@ -290,6 +283,6 @@ def _reap(running: dict[int, SubmittedJob], final: dict[int, str], poll_s: float
     for i, job in list(running.items()):
         state = job.state()
         if state in cluster.FINAL_STATES:
-            print(f"[sweep] member {i} (local job {job.job_id}) ended: {state}", flush=True)
+            print(f"[sweep] member {i} ({job.kind} job {job.job_id}) ended: {state}", flush=True)
             running.pop(i)
             final[i] = state

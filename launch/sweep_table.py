@@ -14,7 +14,7 @@ from typing import Any
 
 from launch import progress, status, sweep
 from launch.jobfile import describe_failure, first_failure, read_job_file
-from pipeline.tracking import RunSummary, find_run, read_tracking_state, ui_run_url
+from pipeline.tracking import RunSummary, find_run, format_table, ui_run_url
 from pipeline.tracking.uris import is_remote
 
 
@@ -25,7 +25,7 @@ def expansion(record: dict[str, Any]) -> str:
         [str(m["index"]), *sweep.overrides_cell(m["overrides"], varying), Path(m["run_dir"]).name]
         for m in record["members"]
     ]
-    return sweep.format_table(["member", *varying, "run dir"], rows)
+    return _table(["member", *varying, "run dir"], rows)
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,8 @@ def _error(data: dict[str, Any], job_id: str) -> str:
 
 
 def _run_cell(run_dir: Path) -> str:
-    state = read_tracking_state(run_dir)
-    run_id, uri = state.get("run_id"), str(state.get("tracking_uri", ""))
-    if not run_id:
-        return "-"
-    return ui_run_url(uri, str(state.get("experiment_id", "0")), str(run_id)) if is_remote(uri) else str(run_id)
+    ref = progress.run_ref(run_dir)
+    return "-" if ref is None else ref[2] or ref[0]
 
 
 def _fmt(v: float | None) -> str:
@@ -110,7 +107,7 @@ def summarise(sweep_dir: str | Path) -> str:
     ]
     if record.get("parent_run_id"):
         lines.append(f"  parent MLflow run: {_parent_link(record)}")
-    lines.append(sweep.format_table(["member", *record["varying"], *HEADERS], rows(record, states)))
+    lines.append(_table(["member", *record["varying"], *HEADERS], rows(record, states)))
     lines += [f"  failed: {line}" for line in failures(record, states)]
     lines.append(f"  one member: python launch/submit.py --status {sweep_dir}/<run dir>")
     return "\n".join(lines)
@@ -157,4 +154,9 @@ def compare_table(record: dict[str, Any], entries: list[Ranked], metrics: tuple[
         values = [r.run.metrics.get(k) if r.run else None for k in metrics]
         body.append([str(r.member["index"]), *sweep.overrides_cell(r.member["overrides"], varying), r.state.state,
                      r.state.step, *map(_fmt, values), r.run.run_id if r.run else "-"])  # fmt: skip
-    return sweep.format_table(["member", *varying, "state", "step", *metrics, "run id"], body)
+    return _table(["member", *varying, "state", "step", *metrics, "run id"], body)
+
+
+def _table(headers: list[str], body: list[list[str]]) -> str:
+    """One row per member, under a header row (the compare CLI's table layout)."""
+    return format_table([(str(r[0]), [str(c) for c in r[1:]]) for r in [headers, *body]])

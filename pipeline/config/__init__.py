@@ -1,12 +1,14 @@
 """Typed, strictly loaded configuration (see schema.py for every default)."""
 
 from pipeline.config.loader import (
+    SAVED_CONFIG,
     config_diff,
     config_from_dict,
     config_to_dict,
     dump_config,
     flatten,
     load_config,
+    read_saved_config,
     save_config,
 )
 from pipeline.config.schema import (
@@ -27,6 +29,7 @@ from pipeline.config.schema import (
 )
 
 __all__ = [
+    "SAVED_CONFIG",
     "CheckpointConfig",
     "Config",
     "ConfigError",
@@ -44,6 +47,7 @@ __all__ = [
     "dump_config",
     "flatten",
     "load_config",
+    "read_saved_config",
     "redact_text",
     "redact_uri",
     "refuse_uri_credentials",

@@ -345,6 +345,19 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write(path, dump_config(cfg))
 
 
+SAVED_CONFIG = "config.yaml"  # the validated config a run's rank 0 saves in its run dir
+
+
+def read_saved_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The config tree a run saved in ``run_dir`` (as written, not validated: it may come from another
+    version of the code); None when there is none or it cannot be read."""
+    try:
+        tree = yaml.safe_load((Path(run_dir) / SAVED_CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return tree if isinstance(tree, dict) else None
+
+
 def config_diff(cfg: Config) -> dict:
     """Only the values that differ from the defaults, nested (what a config file should hold); a run
     dir derived from the name and the recipe overrides (schema.default_run_dir) counts as a default."""

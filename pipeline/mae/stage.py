@@ -65,10 +65,11 @@ class MAEPretraining:
         for batch, (images, labels) in enumerate(r.val_loader):
             g = mask_generator(self.cfg.train.seed, r.env.rank, batch, _TAG_EVAL_MASK)
             out = r.engine(images.to(r.device, r.dtype), generator=g)
-            real = (labels != SKIPPED).to(out.per_sample.device)  # padding entries keep the ranks' batch counts equal
+            kept = labels != SKIPPED  # padding entries keep the ranks' batch counts equal
+            real = kept.to(out.per_sample.device)
             sums += torch.tensor([float(out.per_sample[real].sum()), float(real.sum())], dtype=torch.float64)
             if batch == 0 and r.env.rank == 0:
-                self._picture(r, images[labels != SKIPPED], out.pred[real], out.mask[real])
+                self._picture(r, images[kept], out.pred[real], out.mask[real])
         dist.all_reduce(sums)
         loss = float(sums[0] / sums[1].clamp(min=1))
         log.info("eval at step %d: masked-patch loss %.4f on %d images", r.state.step, loss, int(sums[1]))

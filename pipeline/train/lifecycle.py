@@ -21,7 +21,7 @@ import torch.distributed as dist
 from pipeline.artifacts import checkpoints as stored
 from pipeline.artifacts.checkpoints import CheckpointError, ResumeInfo
 from pipeline.artifacts.exports import run_export
-from pipeline.config import Config, config_to_dict, flatten, save_config
+from pipeline.config import SAVED_CONFIG, Config, config_to_dict, flatten, save_config
 from pipeline.data import TrainLoader, ValLoader, build_loader, build_val_loader, check_classes, read_index
 from pipeline.logs import StartupPhases, setup_logging, startup_log
 from pipeline.model import ViT, forward_macs
@@ -178,8 +178,8 @@ def build_run(cfg: Config, env: DistEnv, overrides: list[str], stage: Stage) -> 
     tracker = _tracker(cfg, env, run_dir, state, overrides, info, stage.tags())
     state.run_id = tracker.run_id
     if env.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
-        tracker.log_artifact(run_dir / "config.yaml")
+        save_config(cfg, run_dir / SAVED_CONFIG)
+        tracker.log_artifact(run_dir / SAVED_CONFIG)
         tracker.log_datasets(_dataset_inputs(cfg, evaluates=val_loader is not None))
     phases.done("tracker", f"MLflow run {tracker.run_id}" if tracker.run_id else "tracking off")
     startup_log.info("start-up: ready in %.1f s, run dir %s", phases.total(), run_dir)
