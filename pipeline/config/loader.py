@@ -237,8 +237,9 @@ def load_config(
     Every default and path is resolved on the raw tree first, so the config is built (and
     validated) once and never edited afterwards:
 
-    - ``name`` defaults to the file's stem and ``tracking.experiment`` to the file's folder
-      (``configs/pretrain/x.yaml`` -> experiment "pretrain"), so runs group by family;
+    - ``name`` defaults to the file's stem and ``family`` to the file's folder
+      (``configs/pretrain/x.yaml`` -> family "pretrain"); what a family means for tracking is
+      tracking's rule (pipeline.tracking.run_names), not the loader's;
     - ``defaults`` (dotted key -> value) fill keys that neither the file nor an override sets
       (the launcher's tracking server URL);
     - an unset ``train.run_dir`` is ``runs/<name>-<recipe overrides>`` (schema.default_run_dir) from
@@ -273,12 +274,10 @@ def load_config(
 
 
 def _file_defaults(tree: dict, path: Path) -> None:
-    """The defaults a config file's place implies: its name (the stem) and experiment (the folder)."""
+    """The defaults a config file's place implies: its name (the stem) and family (the folder)."""
     tree.setdefault("name", path.stem)
     if path.parent.name and path.parent.name != "configs":
-        tracking = tree.setdefault("tracking", {})
-        if isinstance(tracking, dict):
-            tracking.setdefault("experiment", path.parent.name)
+        tree.setdefault("family", path.parent.name)
 
 
 # Paths a rank opens: absolute for the launcher (its ranks may start in another working directory).

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 # logs, evaluates and saves, and how it is measured.
 _EXECUTION_PREFIXES = ("tracking.", "launch.", "checkpoint.")
 _EXECUTION_KEYS = frozenset({
-    "name", "train.run_dir", "train.log_every", "train.eval_every", "train.peak_tflops", "train.cpu_threads",
+    "name", "family", "train.run_dir", "train.log_every", "train.eval_every", "train.peak_tflops", "train.cpu_threads",
     "train.device", "train.compile", "train.max_nonfinite_steps", "train.offload_optimizer", "train.offload_params",
     "finetune.export_best", "data.val_split", "data.val_batch_size", "data.eval_crop_pct", "data.prefetch_factor",
     "data.max_skip_frac", "data.skip_check_after", "data.num_workers", "model.grad_checkpointing",

@@ -500,6 +500,7 @@ class MAEConfig:
 @dataclass
 class Config:
     name: str = "default"  # the config's name; "": the config file's stem
+    family: str = ""  # the config file's folder (configs/pretrain/x.yaml: "pretrain"); "": none
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -17,6 +17,6 @@ def run_name_for(cfg: Config, overrides: list[str]) -> str:
 
 
 def experiment_for(cfg: Config) -> str:
-    """The experiment of a config family: ``tracking.experiment`` (the loader fills it with the
-    config's folder, e.g. ``pretrain``), else ``default``."""
-    return cfg.tracking.experiment or "default"
+    """``tracking.experiment``, else the config's family (its folder, e.g. ``pretrain``: one
+    experiment per family, so a family's runs compare side by side), else ``default``."""
+    return cfg.tracking.experiment or cfg.family or "default"

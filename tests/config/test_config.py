@@ -16,6 +16,7 @@ from pipeline.config import (
     load_config,
     save_config,
 )
+from pipeline.tracking import experiment_for
 from pipeline.train.batch import plan_batch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_pretrain_b16_batch_arithmetic() -> None:
     assert (cfg.model.dim, cfg.model.depth, cfg.model.heads, cfg.model.mlp_dim) == (768, 12, 12, 3072)
     assert plan_batch(cfg.train, 64).grad_accum == 1  # 64 per GPU x 8 GPUs x 8 nodes = 4096
     assert plan_batch(cfg.train, 32).grad_accum == 2  # the same recipe on 4 nodes
-    assert cfg.tracking.experiment == "pretrain" and cfg.name == "vit_b16"
+    assert experiment_for(cfg) == "pretrain" and cfg.name == "vit_b16"
 
 
 def test_overrides_apply_with_types(tmp_path: Path) -> None:

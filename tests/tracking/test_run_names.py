@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.config import TrackingConfig, load_config
 from pipeline.config.schema import Config
-from pipeline.tracking import run_name_for
+from pipeline.tracking import experiment_for, run_name_for
 
 
 def test_run_name_from_config_name_and_recipe_overrides() -> None:
@@ -29,4 +29,4 @@ def test_run_name_of_a_loaded_config(tmp_path: Path) -> None:
     path.write_text("optim:\n  lr: 1.0e-3\n")
     cfg = load_config(path, ["optim.lr=5e-4", "train.zero_stage=3"])
     assert run_name_for(cfg, ["optim.lr=5e-4", "train.zero_stage=3"]) == "vit_s16-lr5e-4-zero3"
-    assert cfg.tracking.experiment == "pretrain"  # one experiment per config family
+    assert experiment_for(cfg) == "pretrain"  # one experiment per config family

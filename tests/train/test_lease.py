@@ -139,32 +139,46 @@ def test_heartbeat_refreshes_and_the_lease_is_kept_for_a_requeue_released_at_the
     assert not (tmp_path / lease.LEASE).exists()
 
 
+# Each racer stays alive until the test closes its stdin: a winner that exited would leave a
+# dead holder's lease, which a racer still starting up (a loaded 2-core CI machine) may rightly
+# take over. Racers sleep to just before the moment, then spin, so the spinning does not starve
+# the others' start-up.
 RACER = """
 import sys, time
 from pathlib import Path
 from pipeline.train import lease
 start = float(sys.argv[2])
+late = time.time() > start
+time.sleep(max(0.0, start - time.time() - 0.2))
 while time.time() < start:
     pass
 try:
     lease.acquire(Path(sys.argv[1]), lease.this_process(lease.new_token(), "launcher"))
-    print("WON")
+    print("WON", "late" if late else "")
 except lease.RunDirBusy as e:
     print("REFUSED", e)
+sys.stdout.flush()
+sys.stdin.read()
 """
 
 
 @pytest.mark.timeout(120)
 def test_eight_processes_claiming_at_the_same_moment_one_wins(tmp_path: Path) -> None:
-    start = time.time() + 5  # all started and spinning before the moment
+    start = time.time() + 5  # all started and waiting before the moment
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, str(tmp_path), str(start)], env=env, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", RACER, str(tmp_path), str(start)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for _ in range(8)
     ]
-    outs = [p.communicate(timeout=100)[0] for p in procs]
+    outs = [p.stdout.readline() for p in procs]  # every outcome, with every racer (the winner too) alive
+    for p in procs:
+        p.communicate(timeout=30)
     assert sum(o.startswith("WON") for o in outs) == 1, outs
     assert sum(o.startswith("REFUSED run dir") for o in outs) == 7, outs
     assert not [p for p in tmp_path.iterdir() if p.name != lease.LEASE]  # no temporary files left
