@@ -97,10 +97,11 @@ def test_knn_is_logged_and_the_reconstruction_picture_reaches_mlflow(mae_run: Pa
     knn = {s: m["eval/knn_top1"] for s, m in metrics(mae_run).items() if "eval/knn_top1" in m}
     print(f"k-NN top-1 by step: {knn}")
     assert sorted(knn) == [20, 40, 60]
-    # 10 classes: chance is 0.1. It does not rise over these 60 steps on the synthetic shards (0.90,
-    # 0.62, 0.65 in one run): MAE's early features are not a k-NN's (the paper's linear probe, too,
-    # trails its fine-tune); the test asserts what the monitor must do, not what MAE learns here.
-    assert all(v >= 0.3 for v in knn.values()), knn
+    # 4 classes (tests/fixtures/shards.py): chance is 0.25. The hue alone separates them, so even the
+    # untrained encoder's features score ~1.0 and MAE (whose per-patch normalised target discards
+    # colour) cannot raise it: 0.90, 0.62, 0.65 in one run. The test asserts the monitor scores well
+    # above chance on features that separate the classes, not that MAE improves them here.
+    assert all(v >= 0.45 for v in knn.values()), knn
     run = find_run(mae_run)
     assert run.metrics["eval/knn_top1"] == pytest.approx(knn[60])
     pictures = [a for a in list_artifacts(run.tracking_uri, run.run_id) if a.startswith("reconstructions/")]
