@@ -71,6 +71,9 @@ def decode_budget(cfg: Config, rates: DecodeRates | None = None) -> str:
         lines.append(
             f"  data.decoder={dec}{chosen}: {rate:,.0f} img/s per core -> {cores_needed(target, rate)} cores per rank"
         )
+    if cfg.data.decoder == "nvjpeg":  # the launcher may run on a login node: the rank checks for CUDA
+        lines.append("  data.decoder=nvjpeg (this run's): workers read bytes only, JPEGs decode on the GPU")
+        return "\n".join(lines)
     need = cores_needed(target, rates.per_core[cfg.data.decoder])
     fix = "decode on the GPU (nvJPEG) or train from pre-resized shards (smaller JPEGs decode faster)"
     if not la.cpus_per_task:

@@ -34,6 +34,9 @@ Design (the arithmetic lives in :mod:`pipeline.data.plan`, the tar reading in :m
   converts them to normalised float32 (B, 3, H, W), written into pinned memory when
   ``pin_memory=True`` and CUDA is present. DataLoader workers are persistent; ``num_workers=0`` runs
   the one slot of each rank in the main process.
+* **GPU decode.** With ``data.decoder=nvjpeg`` the workers ship the JPEG bytes (with the crop and
+  flip they drew) beside the uint8 batch, and the rank decodes, crops and normalises them on its
+  GPU (:mod:`~pipeline.data.gpu_decode`); images come out on the device.
 * **Val.** Every sample exactly once: rank r reads a contiguous 1/world_size of the split, in batches;
   all ranks yield the same number of batches; padding and unreadable entries have label -1.
 
@@ -69,10 +72,13 @@ def build_loader(
     seed: int,
     pin_memory: bool = False,
     with_keys: bool = False,
+    decode_on: str | None = None,
 ) -> TrainLoader:
     """The infinite train loader of ``rank``; raises PreflightError for unusable data before any work.
 
     ``with_keys=True`` yields ``(images, labels, keys)`` (sample keys, for tests and debugging).
+    ``data.decoder=nvjpeg`` yields images on this rank's CUDA device and is refused without one;
+    ``decode_on`` names another device (tests: ``"cpu"``, the same batched decode on the CPU).
     """
     _check_args(rank, world_size, batch_size, image_size)
     index = read_index(cfg.path)
@@ -91,8 +97,9 @@ def build_loader(
         shuffle_buffer=cfg.shuffle_buffer,
     )
     return TrainLoader(
-        stream, cfg=cfg, fingerprint=index.fingerprint(cfg.train_split), pin_memory=pin_memory, with_keys=with_keys
-    )
+        stream, cfg=cfg, fingerprint=index.fingerprint(cfg.train_split), pin_memory=pin_memory, with_keys=with_keys,
+        decode_on=decode_on,
+    )  # fmt: skip
 
 
 def _check_args(rank: int, world_size: int, batch_size: int, image_size: tuple[int, int]) -> None:
@@ -133,10 +140,12 @@ def build_val_loader(
     split: str | None = None,
     subset: int = 0,
     seed: int = 0,
+    decode_on: str | None = None,
 ) -> ValLoader:
     """Finite val loader; ``cfg.val_batch_size`` (when > 0) overrides ``batch_size``. ``split``: another
     split read the same way (eval transform, each sample once); ``subset`` > 0: only that many of its
-    samples, a fixed draw from ``seed`` (a k-NN monitor's bank of train images, say)."""
+    samples, a fixed draw from ``seed`` (a k-NN monitor's bank of train images, say). ``decode_on``: as
+    :func:`build_loader`'s."""
     batch_size = cfg.val_batch_size or batch_size
     _check_args(rank, world_size, batch_size, image_size)
     split = split or cfg.val_split
@@ -152,4 +161,4 @@ def build_val_loader(
     stream = ValStream(
         source, Look.of(cfg, image_size), rank=rank, world_size=world_size, batch_size=batch_size, subset=picked
     )
-    return ValLoader(stream, cfg=cfg, pin_memory=pin_memory, with_keys=with_keys)
+    return ValLoader(stream, cfg=cfg, pin_memory=pin_memory, with_keys=with_keys, decode_on=decode_on)

@@ -16,9 +16,9 @@ from pipeline.config.schema import DataConfig
 from pipeline.data.index import CLS_LABELS, DataIndex, LabelSpec
 from pipeline.data.tario import SKIP_KINDS, RawSample, ReaderCache
 from pipeline.data.transforms import Decoder
-from pipeline.metric_names import DATA_SAMPLES_READ, data_skipped
+from pipeline.metric_names import DATA_GPU_DECODE_FALLBACKS, DATA_SAMPLES_READ, data_skipped
 
-COUNTER_NAMES = (*(data_skipped(k) for k in SKIP_KINDS), DATA_SAMPLES_READ)
+COUNTER_NAMES = (*(data_skipped(k) for k in SKIP_KINDS), DATA_SAMPLES_READ, DATA_GPU_DECODE_FALLBACKS)
 # A batch's label per entry: a class index; NO_LABEL for a readable sample of an unlabeled data set (an
 # objective such as MAE reads no labels); SKIPPED for an entry that holds no sample (padding of the last
 # val batch, or an unreadable sample). Separate values, so that "no label" never reads as "no image".
@@ -92,6 +92,12 @@ class Tally:
 
     def snapshot(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "bad_shards": dict(self.bad_shards.most_common(20))}
+
+
+def stand_in(i: int, good: list[int]) -> int:
+    """The train batch entry that takes unreadable entry i's place: the next readable one, cyclically
+    (it depends on file contents only, so resume stays exact)."""
+    return next((g for g in good if g > i), good[0])
 
 
 def read_positions(locate, positions: np.ndarray, source: Source, readers: ReaderCache) -> list[RawSample]:

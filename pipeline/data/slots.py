@@ -6,6 +6,7 @@ The design (shuffle blocks, seeded crops, stand-ins for bad samples) is in :mod:
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,11 +14,12 @@ import numpy as np
 import torch
 
 from pipeline.data.errors import DataError
+from pipeline.data.gpu_decode import JpegBatch, JpegPacker
 from pipeline.data.pixels import decode_or_skip
 from pipeline.data.plan import EpochPlan, emission_order, rng
-from pipeline.data.samples import SKIPPED, Tally, read_positions
+from pipeline.data.samples import SKIPPED, Tally, read_positions, stand_in
 from pipeline.data.tario import RawSample, ReaderCache
-from pipeline.data.transforms import CropDraws, batch_tensor, crop_resize
+from pipeline.data.transforms import CropDraws, Deferred, batch_tensor, render_or_defer
 from pipeline.metric_names import DATA_SAMPLES_READ
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ class SlotEpoch:
             self.blocks[q] = read_positions(self.plan.locate, positions, self.s.source, self.readers)
         return self.blocks[q]
 
-    def batches(self, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[str]]]:
+    def batches(self, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[str], JpegBatch | None]]:
         B, K = self.s.batch_size, self.s.shuffle_buffer
         for j in range(start, self.plan.batches_per_slot):
             e0, e1 = j * B, (j + 1) * B
@@ -53,7 +55,10 @@ class SlotEpoch:
                 del self.blocks[q]  # the buffer holds at most the blocks of the current batch
             yield (j, *self._assemble(entries, j))
 
-    def _assemble(self, entries: list[RawSample], j: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def _assemble(
+        self, entries: list[RawSample], j: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], JpegBatch | None]:
+        """Batch j's pixels (B, H, W, 3), labels and keys, and its JPEGs left to the device (nvjpeg)."""
         look, B = self.s.look, len(entries)
         draws = CropDraws.draw(
             rng(*self.key.values(), j, _TAG_AUG), B, scale=look.crop_scale, ratio=look.crop_ratio, hflip=look.hflip
@@ -62,34 +67,39 @@ class SlotEpoch:
         u8 = batch.numpy()
         labels = torch.full((B,), SKIPPED, dtype=torch.int64)
         keys = [s.key for s in entries]
+        jpegs = JpegPacker(nvjpeg=look.decoder == "nvjpeg")
         self.tally.counts[DATA_SAMPLES_READ] += B
         for i, sample in enumerate(entries):
             pixels, kind = self._decode(sample, i, draws)
             if kind is None:
-                u8[i], labels[i] = pixels, sample.label
+                jpegs.put(u8, i, sample.image, pixels, self.tally.counts)  # type: ignore[arg-type]
+                labels[i] = sample.label
             else:
                 self.tally.skip(kind, sample.shard)
         good = (labels != SKIPPED).nonzero().flatten().tolist()
         if not good:
-            good = self._rescue(u8, labels, keys, draws, j)
+            good = self._rescue(u8, labels, keys, jpegs, draws, j)
         for i in range(B):
-            if labels[i] == SKIPPED:  # stand-in: the next readable entry of the batch, cyclically
-                src = next((g for g in good if g > i), good[0])
+            if labels[i] == SKIPPED:  # a stand-in takes its place
+                src = stand_in(i, good)
                 u8[i], labels[i], keys[i] = u8[src], labels[src], keys[src]
-        return batch, labels, keys
+                jpegs.copy(i, src)
+        return batch, labels, keys, jpegs.pack()
 
-    def _decode(self, sample: RawSample, i: int, draws: CropDraws) -> tuple[np.ndarray | None, str | None]:
+    def _decode(self, sample: RawSample, i: int, draws: CropDraws) -> tuple[np.ndarray | Deferred | None, str | None]:
         """``sample`` rendered as entry i of the batch (its crop and flip draws), or why it is skipped."""
         look = self.s.look
 
-        def render(data: bytes) -> np.ndarray:
+        def render(data: bytes) -> np.ndarray | Deferred:
             box = functools.partial(draws.box, i, ratio=look.crop_ratio)
             flip = bool(draws.flip[i])
-            return crop_resize(data, box, look.image_size, flip, look.decoder, reduced=look.reduced_decode)
+            return render_or_defer(data, box, look.image_size, flip, look.decoder, reduced=look.reduced_decode)
 
         return decode_or_skip(sample, render)
 
-    def _rescue(self, u8: np.ndarray, labels: torch.Tensor, keys: list[str], draws: CropDraws, j: int) -> list[int]:
+    def _rescue(
+        self, u8: np.ndarray, labels: torch.Tensor, keys: list[str], jpegs: JpegPacker, draws: CropDraws, j: int
+    ) -> list[int]:
         """No entry of batch j was readable: borrow readable samples from the slot's next blocks."""
         B, K = self.s.batch_size, self.s.shuffle_buffer
         nblocks = -(-len(self.piece) // K)
@@ -101,7 +111,9 @@ class SlotEpoch:
             for sample in block:
                 pixels, kind = self._decode(sample, len(filled), draws)
                 if kind is None:  # a bad one is counted when its own batch comes
-                    u8[len(filled)], labels[len(filled)], keys[len(filled)] = pixels, sample.label, sample.key
+                    uncounted: defaultdict[str, int] = defaultdict(int)  # its fallback, too, when its batch comes
+                    jpegs.put(u8, len(filled), sample.image, pixels, uncounted)  # type: ignore[arg-type]
+                    labels[len(filled)], keys[len(filled)] = sample.label, sample.key
                     filled.append(len(filled))
                     if len(filled) == B:
                         break

@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config.schema import DataConfig
 from pipeline.data.errors import DataError
+from pipeline.data.gpu_decode import JpegBatch, decode_device, decode_on_device
 from pipeline.data.plan import EpochPlan, PastSplit, consumed_by_worker, plan_epoch
-from pipeline.data.samples import COUNTER_NAMES, Batch, Look, Source, Tally
+from pipeline.data.samples import COUNTER_NAMES, SKIPPED, Batch, Look, Source, Tally, stand_in
 from pipeline.data.slots import SlotEpoch
 from pipeline.data.transforms import Normalize
 from pipeline.data.workers import data_loader, shutdown_event
-from pipeline.metric_names import DATA_SAMPLES_READ, DATA_SKIPPED_PREFIX
+from pipeline.metric_names import DATA_GPU_DECODE_FALLBACKS, DATA_SAMPLES_READ, DATA_SKIPPED_PREFIX, data_skipped
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class TrainStream(IterableDataset):
             history=history,
         )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], JpegBatch | None, dict[str, Any]]]:
         info = get_worker_info()
         # Rotate so the DataLoader's first poll (worker 0) lands on the slot that owns the next batch.
         w = ((info.id if info else 0) + self.start.consumed) % self.workers
@@ -78,9 +79,9 @@ class TrainStream(IterableDataset):
                 total = plan.batches_per_slot * self.workers
                 assert total > 0 or history, "build_loader's geometry check guarantees batches in a fresh epoch"
                 done = consumed_by_worker(consumed, w, self.workers)
-                for j, u8, labels, keys in SlotEpoch(self, plan, slot, readers, tally).batches(done):
+                for j, u8, labels, keys, jpegs in SlotEpoch(self, plan, slot, readers, tally).batches(done):
                     meta = {"epoch": epoch, "batch": j * self.workers + w, "batches": total, "worker": w}
-                    yield u8, labels, keys, {**meta, **tally.snapshot()}
+                    yield u8, labels, keys, jpegs, {**meta, **tally.snapshot()}
                 epoch, history, consumed = epoch + 1, (), 0
         finally:
             readers.close()
@@ -97,9 +98,13 @@ class TrainLoader:
         fingerprint: str,
         pin_memory: bool = False,
         with_keys: bool = False,
+        decode_on: str | None = None,
     ) -> None:
+        """``decode_on``: where ``data.decoder=nvjpeg`` decodes (see gpu_decode.decode_device)."""
         self._stream, self._cfg, self._fingerprint = stream, cfg, fingerprint
         self._norm, self._with_keys = Normalize(cfg.mean, cfg.std, pin=pin_memory), with_keys
+        # nvjpeg without CUDA is refused here, as the rank builds its loader: before any step
+        self._device = decode_device(decode_on) if cfg.decoder == "nvjpeg" else None
         self._pos = Position()
         self._base = dict.fromkeys(COUNTER_NAMES, 0)  # counts restored from a checkpoint
         self._live: dict[int, dict[str, Any]] = {}  # latest tally of each worker slot
@@ -123,12 +128,37 @@ class TrainLoader:
     def __next__(self) -> Batch | tuple[torch.Tensor, torch.Tensor, list[str]]:
         if self._it is None:
             self._start()
-        u8, labels, keys, meta = next(self._it)  # type: ignore[arg-type]
+        u8, labels, keys, jpegs, meta = next(self._it)  # type: ignore[arg-type]
         self._advance(meta)
+        if self._device is None:
+            images = self._norm(u8)  # (B, 3, H, W) float32
+        else:
+            images = self._decode(u8, labels, keys, jpegs)  # (B, 3, H, W) float32 on the device
         self._check_skips()
-        images = self._norm(u8)  # (B, 3, H, W) float32
         labels = labels.pin_memory() if self._norm.pin else labels
         return (images, labels, keys) if self._with_keys else (images, labels)
+
+    def _decode(self, u8: torch.Tensor, labels: torch.Tensor, keys: list[str], jpegs: JpegBatch | None) -> torch.Tensor:
+        """nvjpeg: the batch decoded on the device; rows neither decoder reads get today's stand-ins."""
+        look = self._stream.look
+        got = decode_on_device(
+            u8, jpegs, size=look.image_size, norm=self._norm, reduced=look.reduced_decode, device=self._device
+        )  # fmt: skip
+        self._base[DATA_GPU_DECODE_FALLBACKS] += got.fallbacks
+        if not got.failed:
+            return got.images
+        self._base[data_skipped("corrupt_image")] += len(got.failed)
+        labels[got.failed] = SKIPPED
+        good = (labels != SKIPPED).nonzero().flatten().tolist()
+        if not good:
+            raise DataError(
+                f"data: no sample of a batch of rank {self._stream.rank} decodes ({', '.join(keys[:5])}, ...); "
+                f"check the data with `python -m pipeline.data check {self._cfg.path} --decode`"
+            )
+        for i in got.failed:
+            src = stand_in(i, good)
+            got.images[i], labels[i], keys[i] = got.images[src], labels[src], keys[src]
+        return got.images
 
     def _start(self) -> None:
         stream = replace(self._stream, start=self._pos)
@@ -162,13 +192,12 @@ class TrainLoader:
     def _check_skips(self) -> None:
         c = self.counters()
         read = c[DATA_SAMPLES_READ]
-        skipped = sum(v for k, v in c.items() if k != DATA_SAMPLES_READ)
+        skips = {k: v for k, v in c.items() if k.startswith(DATA_SKIPPED_PREFIX)}  # not read, not fallbacks
+        skipped = sum(skips.values())
         cfg = self._cfg
         if read < cfg.skip_check_after or skipped <= cfg.max_skip_frac * read:
             return
-        kinds = ", ".join(
-            f"{k.removeprefix(DATA_SKIPPED_PREFIX)}={v}" for k, v in c.items() if v and k != DATA_SAMPLES_READ
-        )
+        kinds = ", ".join(f"{k.removeprefix(DATA_SKIPPED_PREFIX)}={v}" for k, v in skips.items() if v)
         shards: Counter[str] = Counter()
         for meta in self._live.values():
             shards.update(meta["bad_shards"])

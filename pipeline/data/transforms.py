@@ -22,7 +22,7 @@ from torch.utils.data import get_worker_info
 
 from pipeline.data.pixels import decode_rgb, load_rgb, open_image
 
-Decoder = Literal["pil", "torchvision"]
+Decoder = Literal["pil", "torchvision", "nvjpeg"]
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _TRIES = 10  # RandomResizedCrop's attempts before the centre-crop fallback (torchvision's number)
 
@@ -107,12 +107,13 @@ def crop_resize(
     a JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 scale
     (:func:`dct_scale`) and the box is mapped onto the smaller image. torchvision has no reduced JPEG
     decode, so its decoder sends those JPEGs down the PIL path (the same pixels as ``decoder="pil"``);
-    crops too small to reduce, and PNG/WebP, are decoded as before by either decoder.
+    crops too small to reduce, and PNG/WebP, are decoded as before by either decoder. ``"nvjpeg"``
+    lands here only for what the device decoder does not take (:func:`render_or_defer`): PIL decodes it.
     """
     img = open_image(data)  # header only
     top, left, ch, cw = box_fn(img.height, img.width)
     reduce = dct_scale((ch, cw), size) if reduced and img.format == "JPEG" else 1
-    if decoder == "pil" or reduce > 1:
+    if decoder != "torchvision" or reduce > 1:
         img, s = load_rgb(img, reduce=reduce)
         # PIL's resize takes a float box: the crop in decoded pixels, the full-size box divided by s
         img = img.resize((size[1], size[0]), Image.BILINEAR, box=(left / s, top / s, (left + cw) / s, (top + ch) / s))
@@ -123,6 +124,35 @@ def crop_resize(
 
     out = resized_crop(_decode_tv(data), top, left, ch, cw, list(size), antialias=True)  # (3, H, W)
     return (out.flip(-1) if flip else out).permute(1, 2, 0).numpy()
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A JPEG left to the rank's device decoder (``data.decoder=nvjpeg``): its crop and flip, drawn here."""
+
+    box: tuple[int, int, int, int]  # (top, left, height, width) in full-size source pixels
+    flip: bool
+
+
+def device_decodable(img: Image.Image, data: bytes) -> bool:
+    """Whether the device's JPEG decoder takes these bytes, judged from the header alone: an 8-bit
+    colour JPEG (PIL reports YCbCr and RGB JPEGs as ``RGB``; greyscale and CMYK go to PIL, which
+    converts them as the writer does) that ends in its EOI marker (a truncated file goes to PIL, which
+    refuses it as today, where nvJPEG would fill the missing rows with grey). In the entropy-coded data
+    0xFF is always followed by 0x00 or a restart marker, so FF D9 near the end can only be the EOI."""
+    return img.format == "JPEG" and img.mode == "RGB" and b"\xff\xd9" in data[-64:]
+
+
+def render_or_defer(
+    data: bytes, box_fn, size: tuple[int, int], flip: bool, decoder: Decoder, *, reduced: bool = True
+) -> np.ndarray | Deferred:
+    """:func:`crop_resize`, except that with ``decoder="nvjpeg"`` a JPEG the device decodes is only
+    opened here (its header: the size the crop is drawn on) and comes back as :class:`Deferred`."""
+    if decoder == "nvjpeg":
+        img = open_image(data)  # header only
+        if device_decodable(img, data):
+            return Deferred(box_fn(img.height, img.width), flip)
+    return crop_resize(data, box_fn, size, flip, decoder, reduced=reduced)
 
 
 def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -12,12 +12,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.gpu_decode import JpegBatch, JpegPacker, decode_device, decode_on_device
 from pipeline.data.pixels import decode_or_skip
 from pipeline.data.samples import COUNTER_NAMES, SKIPPED, Batch, Look, Source, Tally, read_positions
 from pipeline.data.tario import RawSample
-from pipeline.data.transforms import Normalize, batch_tensor, crop_resize, eval_box
+from pipeline.data.transforms import Normalize, batch_tensor, eval_box, render_or_defer
 from pipeline.data.workers import data_loader
-from pipeline.metric_names import DATA_SAMPLES_READ
+from pipeline.metric_names import DATA_GPU_DECODE_FALLBACKS, DATA_SAMPLES_READ, data_skipped
 
 
 class ValStream(IterableDataset):
@@ -43,7 +44,7 @@ class ValStream(IterableDataset):
         k = np.searchsorted(self.starts, positions, side="right") - 1
         return k, positions - self.starts[k]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], JpegBatch | None, dict[str, Any]]]:
         info = get_worker_info()
         wid, workers = (info.id, info.num_workers) if info else (0, 1)
         readers, tally = self.source.readers(), Tally()
@@ -54,12 +55,14 @@ class ValStream(IterableDataset):
                 if self.subset is not None:
                     positions = self.subset[positions]
                 samples = read_positions(self.locate, positions, self.source, readers)
-                u8, labels, keys = self._assemble(samples, tally)
-                yield u8, labels, keys, {"worker": wid, "batch": b, **tally.snapshot()}
+                u8, labels, keys, jpegs = self._assemble(samples, tally)
+                yield u8, labels, keys, jpegs, {"worker": wid, "batch": b, **tally.snapshot()}
         finally:
             readers.close()
 
-    def _assemble(self, samples: list[RawSample], tally: Tally) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def _assemble(
+        self, samples: list[RawSample], tally: Tally
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], JpegBatch | None]:
         look, B = self.look, self.batch_size
         batch = batch_tensor((B, *look.image_size, 3), torch.uint8)  # (B, H, W, 3), shared memory in a worker
         u8 = batch.numpy()
@@ -69,25 +72,33 @@ class ValStream(IterableDataset):
         u8[len(samples) :] = 0  # padding
         box = functools.partial(eval_box, size=look.image_size, crop_pct=look.eval_crop_pct)
         render = functools.partial(
-            crop_resize, box_fn=box, size=look.image_size, flip=False, decoder=look.decoder, reduced=look.reduced_decode
-        )
+            render_or_defer, box_fn=box, size=look.image_size, flip=False, decoder=look.decoder,
+            reduced=look.reduced_decode,
+        )  # fmt: skip
+        jpegs = JpegPacker(nvjpeg=look.decoder == "nvjpeg")
         for i, s in enumerate(samples):
             keys[i] = s.key
             pixels, kind = decode_or_skip(s, render)
             if kind is None:
-                u8[i], labels[i] = pixels, s.label
+                jpegs.put(u8, i, s.image, pixels, tally.counts)  # type: ignore[arg-type]
+                labels[i] = s.label
             else:
                 tally.skip(kind, s.shard)
                 u8[i] = 0
-        return batch, labels, keys
+        return batch, labels, keys, jpegs.pack()
 
 
 class ValLoader:
     """Finite, re-iterable: each pass yields every val sample once across ranks, same batch count per rank."""
 
-    def __init__(self, stream: ValStream, *, cfg: DataConfig, pin_memory: bool = False, with_keys: bool = False):
+    def __init__(
+        self, stream: ValStream, *, cfg: DataConfig, pin_memory: bool = False, with_keys: bool = False,
+        decode_on: str | None = None,
+    ) -> None:  # fmt: skip
+        """``decode_on``: where ``data.decoder=nvjpeg`` decodes (see gpu_decode.decode_device)."""
         self._stream, self._cfg, self._with_keys = stream, cfg, with_keys
         self._norm = Normalize(cfg.mean, cfg.std, pin=pin_memory)
+        self._device = decode_device(decode_on) if cfg.decoder == "nvjpeg" else None
         workers = min(cfg.num_workers, len(stream))
         self._dl = data_loader(stream, workers, cfg.prefetch_factor)
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
@@ -96,12 +107,27 @@ class ValLoader:
         return len(self._stream)
 
     def __iter__(self) -> Iterator[Batch | tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        before, live = dict(self._counts), {}
-        for u8, labels, keys, meta in self._dl:
+        before, live, here = dict(self._counts), {}, dict.fromkeys(COUNTER_NAMES, 0)
+        for u8, labels, keys, jpegs, meta in self._dl:
             live[meta["worker"]] = meta["counts"]
-            self._counts = {k: before[k] + sum(c[k] for c in live.values()) for k in COUNTER_NAMES}
-            images, labels = self._norm(u8), labels.pin_memory() if self._norm.pin else labels
+            images = self._norm(u8) if self._device is None else self._decode(u8, labels, jpegs, here)
+            self._counts = {k: before[k] + here[k] + sum(c[k] for c in live.values()) for k in COUNTER_NAMES}
+            labels = labels.pin_memory() if self._norm.pin else labels
             yield (images, labels, keys) if self._with_keys else (images, labels)
+
+    def _decode(
+        self, u8: torch.Tensor, labels: torch.Tensor, jpegs: JpegBatch | None, here: dict[str, int]
+    ) -> torch.Tensor:
+        """nvjpeg: the batch decoded on the device; a row neither decoder reads is skipped as the worker
+        skips one (label SKIPPED, pixels zero), counted in ``here``."""
+        look = self._stream.look
+        got = decode_on_device(
+            u8, jpegs, size=look.image_size, norm=self._norm, reduced=look.reduced_decode, device=self._device
+        )  # fmt: skip
+        labels[got.failed] = SKIPPED
+        here[DATA_GPU_DECODE_FALLBACKS] += got.fallbacks
+        here[data_skipped("corrupt_image")] += len(got.failed)
+        return got.images
 
     def counters(self) -> dict[str, int]:
         """Cumulative over all passes: samples read and skipped by kind (skipped ones have label SKIPPED)."""

@@ -55,6 +55,16 @@ def test_enough_cpus_and_the_torchvision_decoder() -> None:
     assert "--cpus-per-task is not set (the scheduler's default): ask for >= 16, or decode on the GPU" in unset
 
 
+def test_nvjpeg_needs_no_decode_cores_and_is_not_refused_on_the_login_node() -> None:
+    # the launcher may run where there is no GPU: the rank refuses nvjpeg without CUDA, not --dry-run
+    lines = decode_budget(b16("launch.cpus_per_task=4", "data.decoder=nvjpeg"), RATES).splitlines()
+    assert lines[1:] == [
+        "  data.decoder=pil: 288 img/s per core -> 16 cores per rank",
+        "  data.decoder=torchvision: 250 img/s per core -> 18 cores per rank",
+        "  data.decoder=nvjpeg (this run's): workers read bytes only, JPEGs decode on the GPU",
+    ]
+
+
 def test_rates_file_written_by_the_bench_is_read_else_the_stated_default(tmp_path: Path) -> None:
     missing = read_rates(tmp_path / "none.json")
     assert missing.per_core == {"pil": 300.0, "torchvision": 300.0}
