@@ -28,10 +28,9 @@ key                             unit                                            
 ``system/...``                  MLflow's system metrics (``system/<node>/...``)  tracking/backend.py (MLflow's monitor)
 ==============================  ===============================================  ==================================
 
-Counters that stay zero in a healthy run (``data/skipped_*``, ``train/skipped_steps``; and
-``data/gpu_decode_fallbacks``   samples ``data.decoder=nvjpeg`` decoded on the   data/slots.py and data/train_stream.py
-only from their first non-zero value on (tracking/tracker.py): five flat zero charts would push the
-loss and top-1 off the UI's first screen. ``metrics.jsonl`` has them at every logged step.
+Counters that stay zero in a healthy run (``data/skipped_*``, ``train/skipped_steps``,
+``data/gpu_decode_fallbacks``) reach MLflow only from their first non-zero value on
+(tracking/tracker.py): flat zero charts would push the loss and top-1 off the UI's first screen. ``metrics.jsonl`` has them at every logged step.
 
 The same names go to both local records of a run, which are two files on purpose:
 ``<run_dir>/metrics.jsonl`` (train/metrics_log.py: rank 0's plain per-step record, written with
