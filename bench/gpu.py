@@ -395,7 +395,9 @@ def ckpt_save(b: Bench, row: Row) -> None:
     if not saves:
         raise RuntimeError("the training log has no 'checkpoint ... committed' line")
     gb, seconds = map(float, saves[-1])
-    settle()  # dd starts from a quiet disk, as the save did not (bench/train.py says why it matters)
+    settle(
+        0.5 if b.args.smoke else 3.0
+    )  # dd starts from a quiet disk, as the save did not (bench/train.py says why it matters)
     dd = dd_bandwidth(Path(b.shared["run_dir"]), gb)  # type: ignore[arg-type]
     save = gb / seconds
     row.other = (f"save {save:.2f} GB/s ({gb:.3f} GB in {seconds:.2f} s, 1 rank, ZeRO-1) / dd conv=fsync "
@@ -476,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     parent = a.dir or REPO / "runs"  # shards, the run and dd's file: all on the disk being measured
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-", dir=parent))
+    if a.smoke:  # tiny ops on 2 threads of a busy machine mostly wait for each other (10-50x slower)
+        torch.set_num_threads(1)
     b = Bench(a, work)
     b.write()
     try:
