@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench install system-deps
+.PHONY: demo test lint bench bench-gpu install system-deps
 
 install: $(VENV)/.installed
 
@@ -38,3 +38,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/model.py
 	$(PY) bench/data.py
 	$(PY) bench/train.py
+
+# One GPU node, one command: the table of bench/gpu.py (issue 17) in under 8 minutes.
+bench-gpu: $(VENV)/.installed
+	$(PY) bench/gpu.py --out runs/gpu_bench.md

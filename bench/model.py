@@ -9,7 +9,6 @@ that fits, with and without gradient checkpointing (``--compile`` adds torch.com
 from __future__ import annotations
 
 import argparse
-import gc
 import platform
 import statistics
 import time
@@ -18,15 +17,13 @@ from collections.abc import Callable
 import timm
 import torch
 import torch.nn.functional as F
+from accel import free, largest_batch, peak_flops, throughput  # bench/accel.py, beside this file
 from einops import rearrange
 from torch import nn
 
 from launch.memory_plan import activation_bytes
 from pipeline.config import ModelConfig
 from pipeline.model import ViT, forward_macs, vit_preset
-
-# Dense bf16 tensor-core peaks (vendor data sheets); the first name found in the device name wins.
-PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
 
 
 def cpu_name() -> str:
@@ -187,83 +184,6 @@ def bench_recompute(reps: int, batch: int) -> None:
     print("goal: a mode at <= 1.15x step time with >= 8x less activation memory than none")
 
 
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def accel_step(model: nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
-    img = torch.randn(batch, 3, 224, 224, device=device)
-    labels = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(img), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def _steps(model: nn.Module, batch: int, device: torch.device, n: int) -> None:
-    step = accel_step(model, batch, device)
-    for _ in range(n):
-        step()
-    _sync(device)
-
-
-def fits(model: nn.Module, batch: int, device: torch.device) -> bool:
-    try:
-        _steps(model, batch, device, 2)  # its activations and optimizer state die with its frame
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-        _free()
-
-
-def largest_batch(model: nn.Module, device: torch.device, start: int, limit: int) -> int:
-    """Double the batch from ``start`` until it runs out of memory or reaches ``limit``."""
-    best, batch = 0, start
-    while batch <= limit and fits(model, batch, device):
-        best, batch = batch, batch * 2
-    if not best:
-        raise SystemExit(f"batch {start} does not fit on {device}; pass a smaller --start-batch")
-    return best
-
-
-def throughput(model: nn.Module, batch: int, device: torch.device, reps: int, steps: int = 3) -> float:
-    """Images per second: median over ``reps`` timings of ``steps`` train steps."""
-    step = accel_step(model, batch, device)
-    for _ in range(3):  # warm-up (and compilation)
-        step()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return batch * steps / statistics.median(times)
-
-
 def bench_accelerator(args: argparse.Namespace, device: torch.device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     peak = peak_flops(device, args.peak_tflops)
@@ -285,7 +205,7 @@ def bench_accelerator(args: argparse.Namespace, device: torch.device) -> None:
             mfu = f"{flops_per_img * img_s / peak:>7.1%}" if peak else "      -"
             print(f"{str(ckpt):<14} {str(compiled):<8} {batch:>6} {img_s:>9.1f} {mfu}")
         del model, runs
-        _free()
+        free()
     print("MFU counts model FLOPs (3 x forward): the recompute of checkpointing is not credited.")
 
 

@@ -114,7 +114,7 @@ def dd_bandwidth(directory: Path, gb: float) -> float:
     return int(m.group(1)) / float(m.group(2)) / 1e9
 
 
-def _settle(seconds: float = 3.0) -> None:
+def settle(seconds: float = 3.0) -> None:
     """Start each timed write from a quiet disk: a write that follows another one on a VM disk waits
     for the first one's write-back, which would penalise whichever side happens to go second."""
     import time
@@ -151,7 +151,7 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
         checksums = i % 2 == 1  # saves without and with checksums alternate (the first, dropped, without)
         ckpt.file_checksum = crc32 if checksums else (lambda path: "-")
         if r.env.rank == 0:
-            _settle()
+            settle()
         dist.barrier()
         t0 = time.perf_counter()
         tag_dir = save_checkpoint(r)
@@ -159,7 +159,7 @@ def ckpt_worker(shards: str, run_dir: str, saves: int) -> None:
         crc_tag = tag_dir if checksums else crc_tag
         if r.env.rank == 0:
             gb = sum(verify(tag_dir)["files"].values()) / 1e9  # also proves the save complete
-            _settle()
+            settle()
             row = {"gb": gb, "save_s": save_s, "checksums": checksums, "dd_gb_s": dd_bandwidth(Path(run_dir), gb)}
             print("CKPT " + json.dumps(row))
         dist.barrier()
@@ -193,7 +193,7 @@ def _bench_background(r: Any, *, pairs: int, first_step: int) -> None:
         for mode in ("sync", "background"):
             r.state.step += 1
             if r.env.rank == 0:
-                _settle()
+                settle()
             dist.barrier()
             t0 = time.perf_counter()
             if mode == "sync":
