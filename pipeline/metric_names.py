@@ -30,7 +30,8 @@ key                             unit                                            
 
 Counters that stay zero in a healthy run (``data/skipped_*``, ``train/skipped_steps``,
 ``data/gpu_decode_fallbacks``) reach MLflow only from their first non-zero value on
-(tracking/tracker.py): flat zero charts would push the loss and top-1 off the UI's first screen. ``metrics.jsonl`` has them at every logged step.
+(tracking/tracker.py): flat zero charts would push the loss and top-1 off the UI's first screen.
+``metrics.jsonl`` has them at every logged step.
 
 The same names go to both local records of a run, which are two files on purpose:
 ``<run_dir>/metrics.jsonl`` (train/metrics_log.py: rank 0's plain per-step record, written with
