@@ -213,6 +213,11 @@ def run_checks(cfg: Config, kind: str, after: chain.Predecessor | None = None) -
         if kind == "local":
             raise checks.Refused("--container needs `apptainer` on PATH to run locally; install it or drop --container")
         done.append("container: apptainer is not on PATH here; the compute nodes must have it")
+    if cfg.data.decoder == "nvjpeg" and not cfg.launch.gpus_per_node:
+        raise checks.Refused(
+            "data.decoder=nvjpeg decodes JPEGs on the GPU, and this job's ranks are CPU ranks (no --gpus-per-node); "
+            "add --gpus-per-node G, or set data.decoder=pil (decoding in the loader's CPU workers)"
+        )
     if kind == "local" and cfg.launch.gpus_per_node:
         need, have = cfg.launch.nodes * cfg.launch.gpus_per_node, _local_gpus()
         if have < need:

@@ -517,6 +517,11 @@ class Config:
         if not self.train.run_dir:
             self.train.run_dir = default_run_dir(self.name)
         self._check_objective()
+        _require(
+            not (self.data.decoder == "nvjpeg" and self.train.device == "cpu"),
+            "data.decoder=nvjpeg decodes JPEGs on the GPU, and train.device=cpu trains on the CPU; set "
+            "data.decoder=pil (or torchvision) for CPU training, or train.device=auto/cuda on a GPU node",
+        )
         if self.finetune.enabled:
             self._head_follows_finetune()
         _require(

@@ -43,6 +43,22 @@ def test_unknown_config_key_is_refused(tmp_path: Path, synthetic_shards: Path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.timeout(30)
+def test_nvjpeg_on_cpu_ranks_is_refused_before_anything_runs(
+    tmp_path: Path, synthetic_shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rc = submit.main(smoke_args(synthetic_shards, tmp_path / "run", "--local", "data.decoder=nvjpeg"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "data.decoder=nvjpeg decodes JPEGs on the GPU, and this job's ranks are CPU ranks" in err
+    assert "add --gpus-per-node G, or set data.decoder=pil" in err and "nothing was submitted" in err
+    _nothing_submitted(tmp_path / "run")
+    rc = submit.main(
+        smoke_args(synthetic_shards, tmp_path / "run", "--local", "data.decoder=nvjpeg", "train.device=cpu")
+    )
+    assert rc == 2 and "data.decoder=nvjpeg decodes JPEGs on the GPU, and train.device=cpu" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_too_little_data_for_the_ranks_is_refused(
     tmp_path: Path, synthetic_shards: Path, capsys: pytest.CaptureFixture
