@@ -68,7 +68,8 @@ def test_an_error_or_the_budget_ends_a_row_and_the_table_says_so(gpu_bench: Modu
     head, rows = read_table(out)  # written after every row: what a killed run leaves behind
     assert rows["b16-eager"]["img/s"] == "12.5" and rows["b16-eager"]["status"].startswith("ok")
     assert rows["b16-compiled"]["status"] == r"error: ValueError: bad \| news second line"
-    assert re.fullmatch(r"stopped: budget reached after [23] s", rows["l16-compiled"]["status"])
+    stopped = re.fullmatch(r"stopped: budget reached after (\d+) s", rows["l16-compiled"]["status"])
+    assert stopped and 2 <= int(stopped[1]) <= 6, rows["l16-compiled"]  # at the 3 s budget (a loaded machine: later)
     assert re.fullmatch(r"skipped: budget \(-?\d+ s left of 3 s\)", rows["loader-pil"]["status"])
     assert rows["loader-pil"]["img/s"] == "-"
     assert rows["train-engine"]["status"] == "not run"
