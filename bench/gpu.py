@@ -10,7 +10,7 @@ Rows:
 * ViT-L/16 compiled, the same;
 * the loader (build_loader on shards of 500x375 JPEGs, ImageNet's typical size, written by the
   project's writer): data.decoder=pil with N workers (and per worker, i.e. per core), and
-  data.decoder=nvjpeg where this checkout's config has it and CUDA is there;
+  data.decoder=nvjpeg where CUDA is there;
 * a training run through the real entry point (torchrun, 1 rank, `python -m pipeline.train` with
   configs/pretrain/vit_b16.yaml: bf16, ZeRO-1) on those shards: img/s, MFU and the fraction of time
   spent waiting for data, from the run's metrics.jsonl (the first log window, start-up, left out);
@@ -34,7 +34,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,12 +43,11 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import get_args, get_type_hints
 
 import torch
 from accel import free, largest_batch, peak_flops, sync, throughput  # bench/accel.py, beside this file
 from data import photo  # bench/data.py
-from train import dd_bandwidth, settle  # bench/train.py
+from train import dd_bandwidth, settle, torchrun  # bench/train.py
 
 from pipeline.config.schema import DataConfig
 from pipeline.data import build_loader
@@ -307,9 +305,6 @@ def loader_pil(b: Bench, row: Row) -> None:
 def loader_nvjpeg(b: Bench, row: Row) -> None:
     if b.device.type != "cuda" or not torch.cuda.is_available():
         raise Skip("skipped: no CUDA (nvJPEG decodes on the GPU)")
-    choices = get_args(get_type_hints(DataConfig)["decoder"])
-    if "nvjpeg" not in choices:
-        raise Skip(f"not available: data.decoder accepts {', '.join(choices)} in this checkout")
     w = b.args.workers
     rate = loader_rate(b, "nvjpeg", w)
     row.batch, row.img_s = str(b.args.batch), f"{rate:.1f}"
@@ -362,11 +357,7 @@ def _train_overrides(b: Bench, root: Path, run_dir: Path) -> list[str]:
 
 def _torchrun(b: Bench, argv: list[str], log: Path) -> int:
     """The project's entry point under torchrun (1 rank), killed as a group when the budget ends."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "pipeline.train", *argv]  # fmt: skip
+    cmd = [*torchrun(1), "-m", "pipeline.train", *argv]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "MLFLOW_TRACKING_URI")}  # fmt: skip
     env.update(PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true")

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,15 +38,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun(nproc: int) -> list[str]:
+    """torchrun with ``nproc`` local ranks on a free loopback port; the program and its arguments follow."""
+    from pipeline.tracking.server import free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
 
 
 def _train(nproc: int, config: str | None, overrides: list[str]) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), "-m", "pipeline.train"]  # fmt: skip
+    cmd = [*torchrun(nproc), "-m", "pipeline.train"]
     cmd += ["--config", config] if config else []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true")
     proc = subprocess.run(cmd + overrides, cwd=REPO, env=env, capture_output=True, text=True)
@@ -69,9 +69,7 @@ def checkpoint_bandwidth(shards: Path, work: Path, saves: int) -> dict[str, floa
     The disk of a shared VM changes speed from minute to minute, so each engine save is paired
     with a `dd conv=fsync` of the same size into the same directory right after it.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), __file__, "--ckpt-worker", str(shards), str(work / "ckpt"),
-           str(saves)]  # fmt: skip
+    cmd = [*torchrun(2), __file__, "--ckpt-worker", str(shards), str(work / "ckpt"), str(saves)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     rows = [json.loads(line[len("CKPT ") :]) for line in proc.stdout.splitlines() if line.startswith("CKPT ")]

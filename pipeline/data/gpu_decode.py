@@ -24,7 +24,7 @@ import torch
 
 from pipeline.config.schema import ConfigError
 from pipeline.data.transforms import Deferred, Normalize, batch_tensor, crop_resize
-from pipeline.metric_names import DATA_GPU_DECODE_FALLBACKS
+from pipeline.metric_names import DATA_GPU_DECODE_FALLBACKS, data_skipped
 
 NO_CUDA = (
     "data.decoder=nvjpeg decodes JPEGs on the GPU, and this process sees no CUDA device; set "
@@ -104,6 +104,11 @@ class Decoded:
     images: torch.Tensor  # (B, 3, H, W) float32 on the device, normalised
     failed: list[int]  # rows neither decoder could decode (their pixels are the worker's zeros)
     fallbacks: int  # JPEGs decode_jpeg raised on, decoded by PIL instead
+
+    def count(self, counts: dict[str, int]) -> None:
+        """Add the rank's share of this batch to a loader's counters: its fallbacks, its unreadable rows."""
+        counts[DATA_GPU_DECODE_FALLBACKS] += self.fallbacks
+        counts[data_skipped("corrupt_image")] += len(self.failed)
 
 
 def decode_on_device(

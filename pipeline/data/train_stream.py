@@ -22,7 +22,7 @@ from pipeline.data.samples import COUNTER_NAMES, SKIPPED, Batch, Look, Source, T
 from pipeline.data.slots import SlotEpoch
 from pipeline.data.transforms import Normalize
 from pipeline.data.workers import data_loader, shutdown_event
-from pipeline.metric_names import DATA_GPU_DECODE_FALLBACKS, DATA_SAMPLES_READ, DATA_SKIPPED_PREFIX, data_skipped
+from pipeline.metric_names import DATA_SAMPLES_READ, DATA_SKIPPED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,9 @@ class TrainLoader:
         got = decode_on_device(
             u8, jpegs, size=look.image_size, norm=self._norm, reduced=look.reduced_decode, device=self._device
         )  # fmt: skip
-        self._base[DATA_GPU_DECODE_FALLBACKS] += got.fallbacks
+        got.count(self._base)
         if not got.failed:
             return got.images
-        self._base[data_skipped("corrupt_image")] += len(got.failed)
         labels[got.failed] = SKIPPED
         good = (labels != SKIPPED).nonzero().flatten().tolist()
         if not good:

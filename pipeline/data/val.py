@@ -18,7 +18,7 @@ from pipeline.data.samples import COUNTER_NAMES, SKIPPED, Batch, Look, Source, T
 from pipeline.data.tario import RawSample
 from pipeline.data.transforms import Normalize, batch_tensor, eval_box, render_or_defer
 from pipeline.data.workers import data_loader
-from pipeline.metric_names import DATA_GPU_DECODE_FALLBACKS, DATA_SAMPLES_READ, data_skipped
+from pipeline.metric_names import DATA_SAMPLES_READ
 
 
 class ValStream(IterableDataset):
@@ -125,8 +125,7 @@ class ValLoader:
             u8, jpegs, size=look.image_size, norm=self._norm, reduced=look.reduced_decode, device=self._device
         )  # fmt: skip
         labels[got.failed] = SKIPPED
-        here[DATA_GPU_DECODE_FALLBACKS] += got.fallbacks
-        here[data_skipped("corrupt_image")] += len(got.failed)
+        got.count(here)
         return got.images
 
     def counters(self) -> dict[str, int]:
