@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import json
 import os
 import platform
 import re
@@ -54,6 +53,7 @@ from pipeline.data import build_loader
 from pipeline.data.sources import encode
 from pipeline.data.writer import Item, write_samples
 from pipeline.model import ViT, forward_macs, vit_preset
+from pipeline.train.metrics_log import read_metrics_log
 
 REPO = Path(__file__).resolve().parent.parent
 B16_RECIPE = "configs/pretrain/vit_b16.yaml"
@@ -323,7 +323,7 @@ def train_engine(b: Bench, row: Row) -> None:
     if proc != 0:
         tail = " ".join(log.read_text(errors="replace").splitlines()[-8:])
         raise RuntimeError(f"training exited {proc}: ...{tail[-400:]}")
-    windows = [r for r in _records(run_dir / "metrics.jsonl") if "train/img_per_s" in r]
+    windows = [r for r in read_metrics_log(run_dir) if "train/img_per_s" in r]
     steady = windows[1:] or windows  # the first window holds start-up: workers, buffers, compilation
     img_s = statistics.median(r["train/img_per_s"] for r in steady)
     wait = statistics.fmean(r["data/wait_frac"] for r in steady)
@@ -369,10 +369,6 @@ def _torchrun(b: Bench, argv: list[str], log: Path) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 SAVE_LINE = re.compile(r"checkpoint \S+ committed: ([\d.]+) GB in ([\d.]+) s")
