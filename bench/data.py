@@ -16,8 +16,11 @@ thread), in interleaved rounds, the median images/s of the bare PIL + torchvisio
 RandomResizedCrop + flip + to-tensor + normalise), the loader's decode + crop with reduced decode
 (libjpeg DCT scaling, the default) and without, and ``build_loader`` with 0 workers. Per core means
 per CPU second of the process (``time.process_time``): steadier than wall time on a shared machine,
-and 0 workers keeps all of the loader's work in the process. Goal (issue 19):
-reduced decode on JPEGs >= 2x the bare loop; PNG/WebP have no reduced decode and are reported as they are.
+and 0 workers keeps all of the loader's work in the process. The two "uint8 out" rows repeat the bare
+loop and the loader's decode + crop without the float conversion + normalisation of each batch (the same
+work on both sides, done by the loader once per batch in the rank's main process, not by a worker), each
+compared with the other. Goal (issue 19): reduced decode on JPEGs >= 2x the bare loop; PNG/WebP have no
+reduced decode and are reported as they are.
 The JPEG rates per core of the loader's decode + crop (PIL and torchvision decoders, at the first
 size) go to bench/decode_rate.json (``--rate-out``), which the launcher's ``--dry-run`` reads to plan
 the cores each GPU rank needs (launch/data_budget.py).
@@ -60,6 +63,7 @@ from pipeline.config.schema import DataConfig
 from pipeline.data import build_loader, write_synthetic
 from pipeline.data.transforms import CropDraws, Normalize, crop_resize
 
+UINT8 = "uint8 out (no normalisation), "  # rows compared with the bare loop's own uint8 row
 RATE_FILE = Path(__file__).resolve().parent / "decode_rate.json"  # launch/data_budget.py reads it
 
 
@@ -84,20 +88,22 @@ def rate(make_batches, images: int, clock=time.perf_counter) -> float:
     return n / (clock() - start)
 
 
-def bare_tv(data: list[bytes], size: int, batch: int):
+def bare_tv(data: list[bytes], size: int, batch: int, normalise: bool = True):
+    """``normalise=False``: the uint8 batch, as a loader worker hands it over (no float conversion)."""
     tf = transforms.Compose(
         [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]
     )
-    norm = Normalize(DataConfig().mean, DataConfig().std)
+    norm = Normalize(DataConfig().mean, DataConfig().std) if normalise else lambda u8: u8
     while True:
         for i in range(0, len(data) - batch + 1, batch):
             imgs = [tf(Image.open(io.BytesIO(b)).convert("RGB")) for b in data[i : i + batch]]  # (3, H, W) each
             yield norm(torch.stack(imgs).permute(0, 2, 3, 1))  # Normalize takes (B, H, W, 3)
 
 
-def bare_own(data: list[bytes], size: int, batch: int, decoder: str, reduced: bool = True):
+def bare_own(data: list[bytes], size: int, batch: int, decoder: str, reduced: bool = True, normalise: bool = True):
     cfg = DataConfig()
-    norm, gen = Normalize(cfg.mean, cfg.std), np.random.default_rng(0)
+    gen = np.random.default_rng(0)
+    norm = Normalize(cfg.mean, cfg.std) if normalise else lambda u8: u8
     while True:
         for i in range(0, len(data) - batch + 1, batch):
             draws = CropDraws.draw(gen, batch, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip)
@@ -273,16 +279,22 @@ def decode_bench(n: int, sizes: list[int], batch: int, rounds: int, rate_out: Pa
                     "loader's decode + crop, full decode": partial(bare_own, data, size, batch, "pil", False),
                     "loader's decode + crop, torchvision decoder": partial(bare_own, data, size, batch, "torchvision"),
                     "build_loader, 0 workers (reduced decode)": partial(loader_batches, root, size, batch, 0, "pil"),
+                    # the worker's share alone: the same two loops without the per-batch float conversion, which
+                    # costs both the same and which the loader does once per batch in the rank's main process
+                    f"{UINT8}bare loop": partial(bare_tv, data, size, batch, normalise=False),
+                    f"{UINT8}loader's decode + crop, reduced decode": partial(
+                        bare_own, data, size, batch, "pil", True, normalise=False
+                    ),
                 }
                 got: dict[str, list[float]] = {name: [] for name in methods}
                 for _ in range(rounds):  # interleaved: a slow spell of a shared machine hits every method
                     for name, make in methods.items():
                         got[name].append(rate(make, measure, clock=time.process_time))
-                base = float(np.median(got[next(iter(got))]))
+                base = {False: float(np.median(got[next(iter(got))])), True: float(np.median(got[f"{UINT8}bare loop"]))}
                 for name, rates in got.items():
                     med = float(np.median(rates))
                     print(f"| {fmt} ({kb:.0f} KB) | {size} | {name} | {med:.0f} | {min(rates):.0f}-{max(rates):.0f} "
-                          f"| {med / base:.2f}x |")  # fmt: skip
+                          f"| {med / base[name.startswith(UINT8)]:.2f}x |")  # fmt: skip
                 if fmt == "jpg" and size == sizes[0] and rate_out is not None:
                     pil = float(np.median(got["loader's decode + crop, reduced decode"]))
                     tv = float(np.median(got["loader's decode + crop, torchvision decoder"]))

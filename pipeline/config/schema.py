@@ -146,7 +146,8 @@ class DataConfig:
     val_split: str = "val"
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 512  # samples held per worker for the in-stream shuffle
-    # pil/torchvision: decoded in the CPU workers; nvjpeg: on the rank's GPU (pipeline/data/gpu_decode.py)
+    # pil/torchvision: decoded in the CPU workers (pil: colour JPEGs through simplejpeg's libjpeg-turbo, PIL's
+    # pixels at ~3/4 of its time; other formats through PIL); nvjpeg: on the rank's GPU (pipeline/data/gpu_decode.py)
     decoder: Literal["pil", "torchvision", "nvjpeg"] = "pil"
     # JPEGs whose crop is >= 2x the output decoded at 1/2, 1/4 or 1/8 scale (libjpeg); same crop geometry
     reduced_decode: bool = True

@@ -143,9 +143,7 @@ def decode_on_device(
                 continue
             out = resized_crop(img, top, left, h, w, list(size), antialias=True)  # (3, H, W) uint8
             chw[row] = out.flip(-1) if flip else out
-    images = chw.float()  # (B, 3, H, W), contiguous as Normalize gives
-    images.sub_(norm.shift.to(device)).mul_(norm.scale.to(device))
-    return Decoded(images, failed, fallbacks)
+    return Decoded(norm.on_device(chw), failed, fallbacks)
 
 
 def _pil(

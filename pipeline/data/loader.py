@@ -32,8 +32,9 @@ Design (the arithmetic lives in :mod:`pipeline.data.plan`, the tar reading in :m
   for the new geometry.
 * **Transfer.** Workers hand over uint8 (B, H, W, 3) batches in shared memory; the main process
   converts them to normalised float32 (B, 3, H, W), written into pinned memory when
-  ``pin_memory=True`` and CUDA is present. DataLoader workers are persistent; ``num_workers=0`` runs
-  the one slot of each rank in the main process.
+  ``pin_memory=True`` and CUDA is present; with ``normalise_on`` (a GPU run) the uint8 batch is
+  copied to that device first and converted there. DataLoader workers are persistent;
+  ``num_workers=0`` runs the one slot of each rank in the main process.
 * **GPU decode.** With ``data.decoder=nvjpeg`` the workers ship the JPEG bytes (with the crop and
   flip they drew) beside the uint8 batch, and the rank decodes, crops and normalises them on its
   GPU (:mod:`~pipeline.data.gpu_decode`); images come out on the device.
@@ -73,12 +74,15 @@ def build_loader(
     pin_memory: bool = False,
     with_keys: bool = False,
     decode_on: str | None = None,
+    normalise_on: str | None = None,
 ) -> TrainLoader:
     """The infinite train loader of ``rank``; raises PreflightError for unusable data before any work.
 
     ``with_keys=True`` yields ``(images, labels, keys)`` (sample keys, for tests and debugging).
     ``data.decoder=nvjpeg`` yields images on this rank's CUDA device and is refused without one;
     ``decode_on`` names another device (tests: ``"cpu"``, the same batched decode on the CPU).
+    ``normalise_on`` (a device, e.g. ``"cuda"``): the CPU decoders' uint8 batch is copied there and
+    converted to normalised float32 there, and images come out on it (see :class:`Normalize`).
     """
     _check_args(rank, world_size, batch_size, image_size)
     index = read_index(cfg.path)
@@ -98,7 +102,7 @@ def build_loader(
     )
     return TrainLoader(
         stream, cfg=cfg, fingerprint=index.fingerprint(cfg.train_split), pin_memory=pin_memory, with_keys=with_keys,
-        decode_on=decode_on,
+        decode_on=decode_on, normalise_on=normalise_on,
     )  # fmt: skip
 
 
@@ -141,11 +145,12 @@ def build_val_loader(
     subset: int = 0,
     seed: int = 0,
     decode_on: str | None = None,
+    normalise_on: str | None = None,
 ) -> ValLoader:
     """Finite val loader; ``cfg.val_batch_size`` (when > 0) overrides ``batch_size``. ``split``: another
     split read the same way (eval transform, each sample once); ``subset`` > 0: only that many of its
-    samples, a fixed draw from ``seed`` (a k-NN monitor's bank of train images, say). ``decode_on``: as
-    :func:`build_loader`'s."""
+    samples, a fixed draw from ``seed`` (a k-NN monitor's bank of train images, say). ``decode_on`` and
+    ``normalise_on``: as :func:`build_loader`'s."""
     batch_size = cfg.val_batch_size or batch_size
     _check_args(rank, world_size, batch_size, image_size)
     split = split or cfg.val_split
@@ -161,4 +166,6 @@ def build_val_loader(
     stream = ValStream(
         source, Look.of(cfg, image_size), rank=rank, world_size=world_size, batch_size=batch_size, subset=picked
     )
-    return ValLoader(stream, cfg=cfg, pin_memory=pin_memory, with_keys=with_keys, decode_on=decode_on)
+    return ValLoader(
+        stream, cfg=cfg, pin_memory=pin_memory, with_keys=with_keys, decode_on=decode_on, normalise_on=normalise_on
+    )

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 if TYPE_CHECKING:
@@ -73,6 +74,28 @@ def load_rgb(img: Image.Image, *, reduce: int = 1) -> tuple[Image.Image, int]:
         assert scale == reduce or got is None, f"PIL's draft chose 1/{scale} for 1/{reduce} of {w}x{h}"
     img.load()
     return to_rgb(img), scale
+
+
+def load_pixels(img: Image.Image, data: bytes, *, reduce: int = 1) -> tuple[np.ndarray, int]:
+    """:func:`load_rgb`'s pixels as a writable (H, W, 3) uint8 array, and the scale they were decoded at.
+
+    A colour JPEG (PIL's ``RGB`` mode: YCbCr or RGB components) is decoded by simplejpeg, which calls
+    the same libjpeg-turbo as PIL with the same settings (accurate integer IDCT, smooth chroma
+    upsampling; its pixels equal PIL's, ``tests/data/test_transforms.py`` checks it at every scale) but
+    writes RGB straight into the array: PIL decodes into 4 bytes a pixel and copies out, ~25 % of a
+    decode here. ``strict`` keeps PIL's refusal of truncated or damaged files. Greyscale, CMYK and every
+    other format go through PIL and :func:`to_rgb`.
+    """
+    h, w = img.height, img.width
+    if img.format == "JPEG" and img.mode == "RGB":
+        assert reduce in (1, 2, 4, 8), f"libjpeg scales by 1/2, 1/4 or 1/8, not 1/{reduce}"
+        # simplejpeg takes the strongest libjpeg scaling whose output still has these minimum sides: 1/reduce
+        # itself (the next, 3/8 for 1/2, falls short), which maps pixels as load_rgb's draft does
+        out = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-h // reduce), min_width=-(-w // reduce))
+        assert out.shape[:2] == (-(-h // reduce), -(-w // reduce)), f"1/{reduce} of {w}x{h} gave {out.shape}"
+        return out, reduce
+    rgb, scale = load_rgb(img, reduce=reduce)
+    return np.array(rgb), scale  # a copy: np.asarray of a PIL image is read-only
 
 
 def decode_rgb(data: bytes) -> Image.Image:

@@ -99,10 +99,13 @@ class TrainLoader:
         pin_memory: bool = False,
         with_keys: bool = False,
         decode_on: str | None = None,
+        normalise_on: str | None = None,
     ) -> None:
-        """``decode_on``: where ``data.decoder=nvjpeg`` decodes (see gpu_decode.decode_device)."""
+        """``decode_on``: where ``data.decoder=nvjpeg`` decodes (see gpu_decode.decode_device);
+        ``normalise_on``: where the CPU decoders' batches become float (see :class:`Normalize`)."""
         self._stream, self._cfg, self._fingerprint = stream, cfg, fingerprint
-        self._norm, self._with_keys = Normalize(cfg.mean, cfg.std, pin=pin_memory), with_keys
+        self._norm = Normalize(cfg.mean, cfg.std, pin=pin_memory, device=normalise_on)
+        self._with_keys = with_keys
         # nvjpeg without CUDA is refused here, as the rank builds its loader: before any step
         self._device = decode_device(decode_on) if cfg.decoder == "nvjpeg" else None
         self._pos = Position()

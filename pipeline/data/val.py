@@ -93,11 +93,12 @@ class ValLoader:
 
     def __init__(
         self, stream: ValStream, *, cfg: DataConfig, pin_memory: bool = False, with_keys: bool = False,
-        decode_on: str | None = None,
+        decode_on: str | None = None, normalise_on: str | None = None,
     ) -> None:  # fmt: skip
-        """``decode_on``: where ``data.decoder=nvjpeg`` decodes (see gpu_decode.decode_device)."""
+        """``decode_on``: where ``data.decoder=nvjpeg`` decodes (see gpu_decode.decode_device);
+        ``normalise_on``: where the CPU decoders' batches become float (see :class:`Normalize`)."""
         self._stream, self._cfg, self._with_keys = stream, cfg, with_keys
-        self._norm = Normalize(cfg.mean, cfg.std, pin=pin_memory)
+        self._norm = Normalize(cfg.mean, cfg.std, pin=pin_memory, device=normalise_on)
         self._device = decode_device(decode_on) if cfg.decoder == "nvjpeg" else None
         workers = min(cfg.num_workers, len(stream))
         self._dl = data_loader(stream, workers, cfg.prefetch_factor)

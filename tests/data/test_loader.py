@@ -188,3 +188,17 @@ def test_a_seeded_subset_of_another_split_is_read_once_across_ranks(synthetic_sh
     assert len(both) == len(set(both)) == 50 and set(both) <= set(split_keys(synthetic_shards, "train"))
     assert sorted(keys(0, 1, seed=3)) == sorted(both)  # the same draw whatever the world size
     assert set(keys(0, 1, seed=4)) != set(both)  # another seed, another draw
+
+
+def test_batches_normalised_on_a_device_equal_the_cpu_ones(synthetic_shards):
+    """``normalise_on`` (a GPU run passes "cuda"): the uint8 batch crosses first and becomes float there.
+    Run here with "cpu", the same code path: the same values, contiguous float32 (B, 3, H, W)."""
+    cfg = data_cfg(synthetic_shards, num_workers=0)
+    kw = dict(rank=0, world_size=1, batch_size=8, image_size=SIZE, seed=3)
+    with build_loader(cfg, **kw) as here, build_loader(cfg, **kw, normalise_on="cpu") as there:
+        for (a, la), (b, lb) in zip(take(here, 2), take(there, 2), strict=True):
+            assert b.dtype == torch.float32 and b.is_contiguous() and b.shape == (8, 3, *SIZE)
+            assert torch.equal(a, b) and torch.equal(la, lb) and a.abs().sum() > 0
+    val = build_val_loader(cfg, rank=0, world_size=1, batch_size=40, image_size=SIZE)
+    val_there = build_val_loader(cfg, rank=0, world_size=1, batch_size=40, image_size=SIZE, normalise_on="cpu")
+    assert torch.equal(next(iter(val))[0], next(iter(val_there))[0])
