@@ -115,11 +115,9 @@ def crop_resize(
     top, left, ch, cw = box_fn(img.height, img.width)
     reduce = dct_scale((ch, cw), size) if reduced and img.format == "JPEG" else 1
     if decoder == "torchvision" and reduce == 1:
-        from torchvision.transforms.v2.functional import resized_crop
-
-        out = resized_crop(_decode_tv(data), top, left, ch, cw, list(size), antialias=True)  # (3, H, W)
-        return (out.flip(-1) if flip else out).permute(1, 2, 0).numpy()
-    pixels, s = load_pixels(img, data, reduce=reduce)  # (h, w, 3) uint8
+        pixels, s = _decode_tv(data).permute(1, 2, 0).numpy(), 1  # 'c h w -> h w c', a view
+    else:
+        pixels, s = load_pixels(img, data, reduce=reduce)  # (h, w, 3) uint8
     if s == 1:
         return resize_u8(pixels[top : top + ch, left : left + cw], size, flip)
     # Reduced, the box falls between decoded pixels; PIL's resize takes a float box. Rounding it to whole
